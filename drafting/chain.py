@@ -1,0 +1,107 @@
+"""Chain proposer: the draft model drafts gamma tokens autoregressively, one batched pass per token.
+
+Greedy requests draft the draft's argmax (children are point masses); sampled requests draw each
+token from the draft's warped distribution q and keep q for verification (i.i.d. children).
+
+Draft KV: the catch-up pass writes the rows of every committed token the draft has not seen yet
+(usually the last correction/bonus token, plus the last draft token when all were accepted);
+drafting then writes rows for d_1 .. d_(gamma-1). After verification the rows that agree with
+the committed tokens stay: the catch-up rows and the accepted draft tokens' rows (``commit``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence as Seq
+
+import torch
+
+from drafting.base import DraftSequence, adapt_vocab
+from server.runner import ModelRunner
+from verify.flatten import flatten
+from verify.sampling import sample, warp_probs
+from verify.tree import ChildRule, DraftTree, chain_parents
+
+
+class _One:
+    def __init__(self, token: int):
+        self.tokens = torch.tensor([token])
+        self.parents = chain_parents(1)
+
+
+class ChainProposer:
+    def __init__(self, runner: ModelRunner, target_vocab: int, chunk: int = 512):
+        self.runner = runner
+        self.target_vocab = target_vocab
+        self.chunk = chunk
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return adapt_vocab(self.runner.logits(hidden), self.target_vocab)
+
+    def catch_up(self, seqs: Seq[DraftSequence]) -> torch.Tensor:
+        """Feed every committed token the draft has not seen; logits of the next token [B, vocab]."""
+        hidden = self.runner.extend(
+            [s.draft_slot for s in seqs],
+            [s.draft_len for s in seqs],
+            [s.tokens[s.draft_len :] for s in seqs],
+            self.chunk,
+        )
+        for s in seqs:
+            s.draft_len = len(s.tokens)
+        return self._logits(hidden)
+
+    def propose(self, seqs: Seq[DraftSequence], gammas: Seq[int]) -> list[DraftTree]:
+        trees = [DraftTree.root_only(s.tokens[-1]) for s in seqs]
+        active = [i for i, g in enumerate(gammas) if g > 0]
+        if not active:
+            return trees
+        group = [seqs[i] for i in active]
+        want = [gammas[i] for i in active]
+        drafted: list[list[int]] = [[] for _ in group]
+        qs: list[list[torch.Tensor]] = [[] for _ in group]
+
+        logits = self.catch_up(group)  # [B, vocab]
+        live = list(range(len(group)))
+        while True:
+            picks = self._choose(logits, [group[k] for k in live])
+            for row, k in enumerate(live):
+                token, q = picks[row]
+                drafted[k].append(token)
+                if q is not None:
+                    qs[k].append(q)
+            live = [k for k in live if len(drafted[k]) < want[k]]
+            if not live:
+                break
+            # feed each live sequence its newest draft token, at the row after its last one
+            flat = flatten(
+                [_One(drafted[k][-1]) for k in live],
+                [group[k].draft_len + len(drafted[k]) - 1 for k in live],
+            )
+            hidden = self.runner.forward([group[k].draft_slot for k in live], flat)
+            logits = self._logits(hidden[:, 0])
+
+        for k, i in enumerate(active):
+            s = group[k]
+            tokens = [s.tokens[-1]] + drafted[k]
+            if s.sampling.greedy:
+                trees[i] = DraftTree(torch.tensor(tokens), chain_parents(len(tokens)), ChildRule.POINT_MASS)
+            else:
+                probs = torch.stack(qs[k] + [torch.zeros_like(qs[k][0])])  # [gamma + 1, vocab]; leaf row unused
+                trees[i] = DraftTree(torch.tensor(tokens), chain_parents(len(tokens)), ChildRule.IID, probs)
+        return trees
+
+    def _choose(self, logits: torch.Tensor, seqs: Seq[DraftSequence]) -> list[tuple[int, torch.Tensor | None]]:
+        out: list[tuple[int, torch.Tensor | None]] = [None] * len(seqs)  # type: ignore[list-item]
+        greedy = [i for i, s in enumerate(seqs) if s.sampling.greedy]
+        if greedy:
+            for i, tok in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                out[i] = (tok, None)
+        for i, s in enumerate(seqs):
+            if not s.sampling.greedy:
+                q = warp_probs(logits[i], s.sampling)
+                out[i] = (int(sample(q, s.generator(q.device))), q)
+        return out
+
+    def commit(self, seq: DraftSequence, tree: DraftTree, num_accepted: int) -> None:
+        """Keep the draft rows of accepted draft tokens (d_1 .. d_(gamma-1) have rows)."""
+        if tree.num_draft_tokens:
+            seq.draft_len += min(num_accepted, tree.num_draft_tokens - 1)

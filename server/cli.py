@@ -1,0 +1,201 @@
+"""``hedgerow`` command line: generate, serve, train-pair, bench.
+
+Every user error ends with one line ``hedgerow: error: ...`` and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from server.errors import HedgerowError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise HedgerowError(f"{self.prog.split()[-1]}: {message}")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--target", help="target model: Hugging Face id or local folder (default: the embedded pair)")
+    g.add_argument("--draft", help="draft model, same tokenizer as the target (default: the embedded pair)")
+    g.add_argument("--target-device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    g.add_argument("--draft-device", default=None, help="default: the target's device")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--max-model-len", type=int, default=2048, help="context per sequence, prompt included")
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculation")
+    g.add_argument("--mode", default="chain", choices=["ar", "chain"], help="ar = plain decoding (no draft)")
+    g.add_argument("--draft-tokens", type=int, default=4, help="gamma: draft tokens per step (chain)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off")
+    g.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hedgerow", description="Speculative-decoding inference server")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt, streaming to stdout")
+    add_model_args(gen)
+    add_spec_args(gen)
+    add_sampling_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats) instead")
+    gen.set_defaults(func=cmd_generate)
+
+    for name, module in (("serve", "server.serve"), ("train-pair", "server.train_pair"), ("bench", "bench.cli")):
+        _add_lazy(sub, name, module)
+    return parser
+
+
+def _add_lazy(sub, name: str, module: str) -> None:
+    """Subcommands living in other modules; skipped if that module is not there."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return
+        raise
+    p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
+    mod.add_arguments(p)
+    p.set_defaults(func=mod.run)
+
+
+# --- shared construction ----------------------------------------------------------------------
+def resolve_models(args) -> tuple[str, str | None]:
+    target, draft = args.target, args.draft
+    if target is None:
+        try:
+            from server.embedded import default_pair
+        except ImportError:
+            raise HedgerowError("no --target given and the embedded model pair is not installed") from None
+        embedded_target, embedded_draft = default_pair()
+        target = embedded_target
+        draft = draft or embedded_draft
+    if getattr(args, "mode", "chain") == "ar":
+        draft = None
+    elif draft is None:
+        raise HedgerowError(f"--mode {args.mode} needs --draft (or --mode ar)")
+    return target, draft
+
+
+def build_engine(args):
+    """Load the pair and build an engine from the model, speculation and context flags."""
+    from server.engine import Engine, EngineConfig
+    from server.loader import load_pair
+    from server.runner import ModelRunner
+    from server.sequence import SpecMode, SpecParams
+
+    if args.max_model_len < 2:
+        raise HedgerowError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    if args.draft_tokens < 0:
+        raise HedgerowError(f"--draft-tokens must be >= 0, got {args.draft_tokens}")
+    target, draft = resolve_models(args)
+    pair = load_pair(target, draft, target_device=args.target_device, draft_device=args.draft_device, dtype=args.dtype)
+    slots = getattr(args, "max_batch_size", 1)
+    config = EngineConfig(
+        max_model_len=args.max_model_len,
+        max_batch_size=slots,
+        spec=SpecParams(mode=SpecMode(args.mode), draft_tokens=args.draft_tokens),
+    )
+    t = ModelRunner(pair.target, num_slots=slots, max_len=args.max_model_len, name="target")
+    d = ModelRunner(pair.draft, num_slots=slots, max_len=args.max_model_len, name="draft") if pair.draft else None
+    return Engine(t, d, eos_token_ids=eos_ids(pair.tokenizer, pair.target), config=config), pair.tokenizer
+
+
+def eos_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(source)
+    return ids
+
+
+def sampling_from_args(args):
+    from verify.sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as exc:
+        raise HedgerowError(f"--{str(exc).replace('_', '-')}") from None
+
+
+# --- generate ---------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from server.detokenize import IncrementalDetokenizer
+    from server.sequence import Request
+
+    if not args.prompt:
+        raise HedgerowError("--prompt is empty")
+    if args.max_new_tokens <= 0:
+        raise HedgerowError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sampling = sampling_from_args(args)
+    engine, tokenizer = build_engine(args)
+    prompt_ids = tokenizer.encode(args.prompt)
+    req = Request("cli", tuple(prompt_ids), sampling, args.max_new_tokens, ignore_eos=args.ignore_eos)
+    seq = engine.add_request(req)
+    detok = IncrementalDetokenizer(tokenizer)
+    start = time.perf_counter()
+    while engine.has_work():
+        for out in engine.step():
+            if out.error:
+                raise HedgerowError(f"generation failed: {out.error}")
+            delta = detok.push(out.token_ids)
+            if not args.json and delta:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    tail = detok.flush()
+    if not args.json:
+        sys.stdout.write(tail + "\n")
+        return 0
+    stats = seq.stats.as_dict()
+    stats["tokens_per_second"] = round(seq.num_generated / elapsed, 3) if elapsed > 0 else None
+    stats["wall_seconds"] = round(elapsed, 4)
+    print(
+        json.dumps(
+            {
+                "text": tokenizer.decode(seq.generated, skip_special_tokens=True),
+                "token_ids": seq.generated,
+                "finish_reason": seq.finish_reason.value,
+                "prompt_tokens": seq.prompt_len,
+                "mode": args.mode,
+                "stats": stats,
+            }
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except HedgerowError as exc:
+        print(f"hedgerow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The engine: one speculative step over the running batch, and request bookkeeping.
+
+    step():  admit -> propose -> flatten -> target forward -> accept -> commit
+
+Plain decoding (``SpecMode.AR``) is the same step with a tree of one node (the root), so the
+baseline and speculative modes share every line of the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from drafting.chain import ChainProposer
+from server.errors import HedgerowError
+from server.runner import ModelRunner
+from server.scheduler import Scheduler
+from server.sequence import FinishReason, Request, Sequence, SpecMode, SpecParams
+from verify.accept import Acceptance, accept
+from verify.flatten import flatten
+from verify.tree import DraftTree
+
+log = logging.getLogger("hedgerow.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int = 2048  # prompt + generated tokens per sequence (the KV slot length)
+    max_batch_size: int = 16  # sequences decoded together (KV slots per model)
+    max_waiting: int = 1024  # queued requests beyond the batch; more are refused
+    prefill_chunk: int = 512  # prompt tokens per sequence per prefill pass
+    spec: SpecParams = SpecParams()  # default speculation settings of requests that give none
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_batch_size", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    token_ids: list[int]  # tokens committed by this step
+    finish_reason: FinishReason | None
+    sequence: Sequence
+    error: str | None = None
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent per phase, summed over steps (the server turns them into histograms)."""
+
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+
+
+class Engine:
+    def __init__(
+        self,
+        target: ModelRunner,
+        draft: ModelRunner | None,
+        *,
+        eos_token_ids: Iterable[int],
+        config: EngineConfig = EngineConfig(),
+    ):
+        if draft is None and config.spec.mode is not SpecMode.AR:
+            raise HedgerowError(f"speculation mode {config.spec.mode.value} needs a draft model")
+        self.target = target
+        self.draft = draft
+        self.config = config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.scheduler = Scheduler(target.cache, draft.cache if draft else None, config.max_waiting)
+        self.chain = ChainProposer(draft, target.vocab_size, config.prefill_chunk) if draft else None
+        self.times = StepTimes()
+        self.last_step_phases: dict[str, float] = {}
+
+    # --- requests ------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> Sequence:
+        """Validate and queue a request. Raises HedgerowError naming the bad field."""
+        spec = request.spec or self.config.spec
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise HedgerowError("prompt is empty")
+        if n >= self.config.max_model_len:
+            raise HedgerowError(
+                f"prompt is {n} tokens; the context holds {self.config.max_model_len} (prompt + at least 1 new token)"
+            )
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise HedgerowError(f"prompt_token_ids: {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
+        if request.max_new_tokens < 1:
+            raise HedgerowError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        if spec.mode is not SpecMode.AR and self.draft is None:
+            raise HedgerowError(f"speculation mode {spec.mode.value} needs a draft model; this server has none")
+        if spec.mode is SpecMode.TREE:
+            raise HedgerowError("speculation mode tree is not available yet")
+        if self.scheduler.find(request.request_id) is not None:
+            raise HedgerowError(f"request_id {request.request_id!r} is already in flight")
+        seq = Sequence(request, spec)
+        try:
+            self.scheduler.add(seq)
+        except OverflowError as exc:
+            raise OverloadedError(str(exc)) from None
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return True
+
+    def has_work(self) -> bool:
+        return len(self.scheduler) > 0
+
+    # --- the step ------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        phases: dict[str, float] = {}
+        t0 = time.perf_counter()
+        admitted = self.scheduler.admit()
+        if admitted:
+            self._prefill(admitted)
+        phases["prefill"] = time.perf_counter() - t0
+        batch = list(self.scheduler.running)
+        if not batch:
+            return []
+        try:
+            t = time.perf_counter()
+            trees = self._propose(batch)
+            phases["draft"] = time.perf_counter() - t
+            t = time.perf_counter()
+            flat = flatten(trees, [s.target_len for s in batch])
+            logits = self.target.logits(self.target.forward([s.target_slot for s in batch], flat))
+            phases["verify"] = time.perf_counter() - t
+            t = time.perf_counter()
+            results = accept(
+                trees, logits, [s.sampling for s in batch], [s.generator(self.target.device) for s in batch]
+            )
+            outputs = self._commit(batch, trees, results)
+            phases["accept"] = time.perf_counter() - t
+        except Exception as exc:  # a failed step fails its batch, never the engine
+            log.exception("engine step failed for %d sequence(s)", len(batch))
+            outputs = []
+            for seq in batch:
+                self.scheduler.finish(seq, FinishReason.ERROR)
+                outputs.append(StepOutput(seq.request_id, [], FinishReason.ERROR, seq, error=str(exc)))
+        for k, v in phases.items():
+            self.times.add(k, v)
+        self.last_step_phases = phases
+        return outputs
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Cache every prompt token but the last; the last is the first step's root."""
+        todo = [s for s in seqs if s.prompt_len > 1]
+        if todo:
+            self.target.extend(
+                [s.target_slot for s in todo], [0] * len(todo), [s.tokens[:-1] for s in todo], self.config.prefill_chunk
+            )
+        for s in seqs:
+            s.target_len = s.prompt_len - 1
+
+    def _budget(self, seq: Sequence) -> int:
+        """Draft tokens for this step: the request's gamma, capped by what may still be emitted."""
+        if seq.spec.mode is SpecMode.AR:
+            return 0
+        remaining = seq.request.max_new_tokens - seq.num_generated
+        room = self.config.max_model_len - len(seq.tokens)
+        return max(0, min(seq.spec.draft_tokens, remaining - 1, room - 1))
+
+    def _propose(self, batch: list[Sequence]) -> list[DraftTree]:
+        budgets = [self._budget(s) for s in batch]
+        if self.chain is None or not any(budgets):
+            return [DraftTree.root_only(s.tokens[-1]) for s in batch]
+        return self.chain.propose(batch, budgets)
+
+    def _commit(self, batch: list[Sequence], trees: list[DraftTree], results: list[Acceptance]) -> list[StepOutput]:
+        outputs, keep_slots, keep_rows, keep_dst = [], [], [], []
+        for seq, tree, res in zip(batch, trees, results):
+            start = seq.target_len
+            kept, reason = [], None
+            for tok in res.tokens:
+                seq.tokens.append(tok)
+                kept.append(tok)
+                reason = self._stop_reason(seq, tok)
+                if reason is not None:
+                    break
+            seq.stats.verify_steps += 1
+            seq.stats.draft_tokens += tree.num_draft_tokens
+            seq.stats.accepted_tokens += min(res.num_accepted, len(kept))  # nothing after EOS / the limit
+            seq.stats.emitted_per_step[len(kept)] += 1
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            else:
+                keep_slots.append(seq.target_slot)
+                keep_rows.append([start + i for i in res.path])
+                keep_dst.append(start)
+                seq.target_len = start + len(res.path)
+                if self.chain is not None and seq.draft_slot is not None:
+                    self.chain.commit(seq, tree, res.num_accepted)
+            outputs.append(StepOutput(seq.request_id, kept, reason, seq))
+        self.target.cache.compact(keep_slots, keep_rows, keep_dst)
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if token in self.eos_token_ids and not seq.request.ignore_eos:
+            return FinishReason.EOS
+        if seq.num_generated >= seq.request.max_new_tokens or len(seq.tokens) >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # --- offline helper ------------------------------------------------------------------------
+    def generate(self, requests: Iterable[Request]) -> dict[str, Sequence]:
+        """Run requests to completion (tests, CLI, bench); returns the finished sequences by id."""
+        seqs = {r.request_id: self.add_request(r) for r in requests}
+        while self.has_work():
+            for out in self.step():
+                if out.error:
+                    raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+        return seqs
+
+
+class OverloadedError(HedgerowError):
+    """The waiting queue is full (the server maps it to RESOURCE_EXHAUSTED)."""

@@ -1,0 +1,130 @@
+"""Requests and the per-sequence state the engine keeps between steps.
+
+Length bookkeeping (the invariant every step keeps):
+- ``tokens`` = prompt + generated tokens, all committed.
+- the target's KV slot holds rows for ``tokens[:target_len]`` with ``target_len == len(tokens) - 1``:
+  the last committed token is the next tree's root and its KV is computed by the next verify pass.
+- the draft's slot holds rows for ``tokens[:draft_len]``; the draft may lag (it catches up first
+  thing in its next proposal).
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from verify.sampling import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    EOS = "eos"
+    LENGTH = "length"
+    STOP = "stop"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+class SpecMode(str, enum.Enum):
+    AR = "ar"  # plain decoding: one target pass per token, no draft
+    CHAIN = "chain"
+    TREE = "tree"
+
+
+@dataclass(frozen=True)
+class SpecParams:
+    mode: SpecMode = SpecMode.CHAIN
+    draft_tokens: int = 4  # gamma for chains; depth limit for trees
+    tree_budget: int = 16  # nodes below the root, for trees
+    tree_topk: int = 4  # children per expanded node, for trees
+
+    def __post_init__(self) -> None:
+        if self.draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be >= 0, got {self.draft_tokens}")
+        if self.tree_budget < 0:
+            raise ValueError(f"tree_budget must be >= 0, got {self.tree_budget}")
+        if self.tree_topk < 1:
+            raise ValueError(f"tree_topk must be >= 1, got {self.tree_topk}")
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int = 128
+    spec: SpecParams | None = None  # None: the engine's default
+    ignore_eos: bool = False
+
+
+@dataclass
+class SeqStats:
+    verify_steps: int = 0
+    draft_tokens: int = 0  # draft tokens sent to verification
+    accepted_tokens: int = 0  # draft tokens accepted and kept (never past EOS or the length limit)
+    emitted_per_step: Counter = field(default_factory=Counter)  # tokens kept per verify step, bonus included
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        steps = sum(self.emitted_per_step.values())
+        return sum(k * v for k, v in self.emitted_per_step.items()) / steps if steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "verify_steps": self.verify_steps,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "acceptance_length_histogram": {str(k): v for k, v in sorted(self.emitted_per_step.items())},
+        }
+
+
+class Sequence:
+    def __init__(self, request: Request, spec: SpecParams):
+        self.request = request
+        self.spec = spec
+        self.tokens: list[int] = list(request.prompt_ids)
+        self.prompt_len = len(self.tokens)
+        self.target_slot: int | None = None
+        self.draft_slot: int | None = None
+        self.target_len = 0
+        self.draft_len = 0
+        self.finish_reason: FinishReason | None = None
+        self.stats = SeqStats()
+        self.seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This sequence's own random stream on ``device``: its draws never depend on the batch."""
+        if device not in self._generators:
+            salt = len(self._generators)
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + 7919 * salt)
+        return self._generators[device]

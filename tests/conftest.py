@@ -1,0 +1,54 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TEXT = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n",
+    "import os\nimport sys\n\nprint(os.getcwd(), sys.argv)\n",
+]
+
+
+def save_tiny_pair(folder: Path, *, vocab_size: int = 300, seed: int = 0, corpus=TEXT) -> Path:
+    """A byte-level BPE tokenizer and a tiny random Llama saved as a Hugging Face folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    cfg = LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.bos_token_id, initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("models")
+    return {
+        "target": save_tiny_pair(base / "target", seed=0),
+        "draft": save_tiny_pair(base / "draft", seed=1),
+        "other": save_tiny_pair(base / "other", vocab_size=280, seed=2, corpus=TEXT[::-1] + ["x = 1\n"]),
+    }

@@ -1,0 +1,79 @@
+"""``hedgerow generate``: output, JSON stats, and one clear line for every bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from server.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_json_matches_plain_decoding(tiny_folders):
+    common = ["generate", "--target", str(tiny_folders["target"]), "--prompt", "def fib", "--max-new-tokens", "12",
+              "--json", "--ignore-eos"]
+    spec = run_cli(*common, "--draft", str(tiny_folders["draft"]), "--mode", "chain", "--draft-tokens", "3")
+    plain = run_cli(*common, "--mode", "ar")
+    assert spec.returncode == 0, spec.stderr
+    a, b = json.loads(spec.stdout.strip().splitlines()[-1]), json.loads(plain.stdout.strip().splitlines()[-1])
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 12
+    assert a["finish_reason"] == "length"
+    for key in ("verify_steps", "draft_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length",
+                "tokens_per_second"):
+        assert key in a["stats"]
+    assert a["stats"]["draft_tokens"] > 0 and b["stats"]["draft_tokens"] == 0
+    assert a["text"] == b["text"]
+
+
+def test_generate_streams_text(tiny_folders, capsys):
+    code = main(["generate", "--target", str(tiny_folders["target"]), "--draft", str(tiny_folders["draft"]),
+                 "--prompt", "import os", "--max-new-tokens", "8", "--ignore-eos"])
+    assert code == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def _bad(tiny_folders):
+    t, d, o = (str(tiny_folders[k]) for k in ("target", "draft", "other"))
+    base = ["generate", "--target", t, "--draft", d]
+    return {
+        "empty prompt": (base + ["--prompt", ""], "--prompt is empty"),
+        "zero max tokens": (base + ["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        "negative max tokens": (base + ["--prompt", "x", "--max-new-tokens", "-3"], "--max-new-tokens"),
+        "negative temperature": (base + ["--prompt", "x", "--temperature", "-0.5"], "temperature"),
+        "top-p zero": (base + ["--prompt", "x", "--top-p", "0"], "top-p"),
+        "top-p above one": (base + ["--prompt", "x", "--top-p", "1.5"], "top-p"),
+        "missing folder": (["generate", "--target", "/nonexistent/model", "--draft", d, "--prompt", "x"],
+                           "/nonexistent/model"),
+        "mismatched pair": (["generate", "--target", t, "--draft", o, "--prompt", "x"], "do not share a tokenizer"),
+        "bad device": (base + ["--prompt", "x", "--target-device", "tpu"], "--target-device"),
+        "no cuda": (base + ["--prompt", "x", "--target-device", "cuda:0"], "cuda"),
+        "bad dtype": (base + ["--prompt", "x", "--dtype", "int8"], "--dtype"),
+        "not a number": (base + ["--prompt", "x", "--temperature", "hot"], "temperature"),
+        "chain without draft": (["generate", "--target", t, "--prompt", "x", "--mode", "chain"], "--draft"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "empty prompt", "zero max tokens", "negative max tokens", "negative temperature", "top-p zero",
+    "top-p above one", "missing folder", "mismatched pair", "bad device", "no cuda", "bad dtype", "not a number",
+    "chain without draft",
+])
+def test_bad_input_exits_with_one_clear_line(tiny_folders, capsys, case):
+    argv, needle = _bad(tiny_folders)[case]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("hedgerow: error:"), err
+    assert needle in err
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tiny_folders):
+    proc = run_cli("generate", "--target", str(tiny_folders["target"]), "--draft", str(tiny_folders["other"]),
+                   "--prompt", "x")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]

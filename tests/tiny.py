@@ -1,0 +1,55 @@
+"""Tiny random models built from configs (no downloads) for engine and server tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from server.engine import Engine, EngineConfig
+from server.runner import ModelRunner
+from server.sequence import Request, SpecMode, SpecParams
+from verify import attention
+from verify.sampling import SamplingParams
+
+VOCAB = 128
+EOS = 1
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, layers: int = 2, hidden: int = 64,
+               dtype: torch.dtype = torch.float64, init_range: float = 0.2):
+    """A random model; a wide init gives peaked distributions, so argmax has clear margins."""
+    attention.register()
+    common = dict(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=init_range, eos_token_id=EOS, bos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+    )
+    cls, cfg = (LlamaForCausalLM, LlamaConfig(**common)) if arch == "llama" else (Qwen2ForCausalLM, Qwen2Config(**common))
+    cfg._attn_implementation = attention.REFERENCE
+    torch.manual_seed(seed)
+    return cls(cfg).to(dtype).eval()
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The target alone, through transformers' own generate and attention (the reference)."""
+    model.set_attn_implementation("sdpa")
+    try:
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=EOS, pad_token_id=0,
+        )
+    finally:
+        model.set_attn_implementation(attention.REFERENCE)
+    gen = out[0, len(prompt):].tolist()
+    return gen[: gen.index(EOS) + 1] if EOS in gen else gen
+
+
+def make_engine(target, draft=None, *, mode=SpecMode.CHAIN, gamma=4, slots=8, max_len=256, **cfg) -> Engine:
+    t = ModelRunner(target, num_slots=slots, max_len=max_len, name="target")
+    d = ModelRunner(draft, num_slots=slots, max_len=max_len, name="draft") if draft is not None else None
+    config = EngineConfig(max_model_len=max_len, max_batch_size=slots, spec=SpecParams(mode=mode, draft_tokens=gamma), **cfg)
+    return Engine(t, d, eos_token_ids=[EOS], config=config)
+
+
+def request(rid, prompt, n=24, sampling=SamplingParams(), spec=None, **kw) -> Request:
+    return Request(rid, tuple(prompt), sampling, n, spec, **kw)

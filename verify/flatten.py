@@ -1,0 +1,126 @@
+"""Flatten a batch of token trees into the tensors of one forward pass (algorithms.md §3).
+
+Worked example: prefix of L = 5 cached tokens, tree ``parents = [-1, 0, 0, 1]``::
+
+    node   token  parent  depth  position  cache row   ancestor row (tree columns 0..3)
+    0      a      -1      0      5         5           1 0 0 0
+    1      b       0      1      6         6           1 1 0 0
+    2      c       0      1      6         7           1 0 1 0     siblings share a position
+    3      d       1      2      7         8           1 1 0 1
+
+Query i sees key columns [0, L) (the prefix) and column L + j where ``ancestor[i, j]``.
+Rows of a shorter tree are padding: they attend only to column 0 (never an empty row, which
+would be NaN), and the runner sends their KV writes to a scratch slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+
+class TreeShape(Protocol):
+    tokens: torch.Tensor  # [N]
+    parents: torch.Tensor  # [N]
+
+
+@dataclass
+class FlatBatch:
+    tokens: torch.Tensor  # [B, N] int64, padding 0
+    positions: torch.Tensor  # [B, N] int64, prefix_len + depth
+    cache_rows: torch.Tensor  # [B, N] int64, prefix_len + node index (the row each node's KV goes to)
+    valid: torch.Tensor  # [B, N] bool, False on padding
+    ancestors: torch.Tensor  # [B, N, N] bool, ancestors[b, i, j]: node j is i or an ancestor of i
+    mask: torch.Tensor  # [B, 1, N, K] bool, K = max(prefix_len + num_nodes): query i may see key k
+    prefix_lens: torch.Tensor  # [B] int64
+    num_nodes: torch.Tensor  # [B] int64
+    depths: torch.Tensor  # [B, N] int64
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def kv_len(self) -> int:
+        return self.mask.shape[-1]
+
+    def to(self, device: torch.device | str) -> "FlatBatch":
+        return FlatBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
+
+def tree_depths_and_ancestors(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth [N] and ancestor mask [N, N] of one tree; ``A[i] = A[parent(i)] | onehot(i)``."""
+    n = parents.shape[0]
+    if n > 1 and torch.equal(parents, torch.arange(n) - 1):  # a chain: the common case, no loop
+        return torch.arange(n), torch.ones(n, n, dtype=torch.bool).tril()
+    par = parents.tolist()
+    depth = [0] * n
+    anc = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):
+        depth[i] = depth[par[i]] + 1
+        anc[i] |= anc[par[i]]
+    return torch.tensor(depth), anc
+
+
+def flatten(trees: Sequence[TreeShape], prefix_lens: Sequence[int]) -> FlatBatch:
+    """Pure function: trees + cached prefix lengths -> the tensors of one batched forward (on CPU)."""
+    if len(trees) != len(prefix_lens) or not trees:
+        raise ValueError("flatten needs one prefix length per tree and at least one tree")
+    b = len(trees)
+    sizes = [int(t.tokens.shape[0]) for t in trees]
+    n = max(sizes)
+    lens = torch.tensor(list(prefix_lens), dtype=torch.long)
+    num = torch.tensor(sizes, dtype=torch.long)
+
+    tokens = torch.zeros(b, n, dtype=torch.long)
+    depths = torch.zeros(b, n, dtype=torch.long)
+    ancestors = torch.zeros(b, n, n, dtype=torch.bool)
+    for i, tree in enumerate(trees):
+        d, a = tree_depths_and_ancestors(tree.parents)
+        k = sizes[i]
+        tokens[i, :k] = tree.tokens
+        depths[i, :k] = d
+        ancestors[i, :k, :k] = a
+
+    node = torch.arange(n)
+    valid = node[None, :] < num[:, None]  # [B, N]
+    positions = lens[:, None] + depths
+    cache_rows = lens[:, None] + node[None, :]
+
+    kv_len = int((lens + num).max())
+    cols = torch.arange(kv_len)
+    j = cols[None, :] - lens[:, None]  # [B, K] tree index of each key column
+    in_tree = (j >= 0) & (j < num[:, None])
+    tree_part = ancestors.gather(2, j.clamp(0, n - 1)[:, None, :].expand(b, n, kv_len))
+    mask = (cols[None, None, :] < lens[:, None, None]) | (tree_part & in_tree[:, None, :])
+    mask = torch.where(valid[:, :, None], mask, cols[None, None, :] == 0)  # padding rows see column 0
+    return FlatBatch(
+        tokens=tokens,
+        positions=positions,
+        cache_rows=cache_rows,
+        valid=valid,
+        ancestors=ancestors,
+        mask=mask[:, None],
+        prefix_lens=lens,
+        num_nodes=num,
+        depths=depths,
+    )
+
+
+def retrieve_indices(parents: torch.Tensor) -> torch.Tensor:
+    """Node indices along every root-to-leaf path, [num_leaves, max_depth + 1], padded with -1."""
+    par = parents.tolist()
+    n = len(par)
+    has_child = [False] * n
+    for i in range(1, n):
+        has_child[par[i]] = True
+    paths = []
+    for leaf in (i for i in range(n) if not has_child[i]):
+        path = [leaf]
+        while par[path[-1]] >= 0:
+            path.append(par[path[-1]])
+        paths.append(path[::-1])
+    width = max(len(p) for p in paths)
+    return torch.tensor([p + [-1] * (width - len(p)) for p in paths], dtype=torch.long)
