@@ -15,8 +15,8 @@ from typing import Sequence as Seq
 
 import torch
 
-from drafting.base import DraftSequence, adapt_vocab
-from server.runner import ModelRunner
+from drafting.base import DraftSequence
+from drafting.draft_model import DraftModel
 from verify.flatten import flatten
 from verify.sampling import sample, warp_probs
 from verify.tree import ChildRule, DraftTree, chain_parents
@@ -29,25 +29,8 @@ class _One:
 
 
 class ChainProposer:
-    def __init__(self, runner: ModelRunner, target_vocab: int, chunk: int = 512):
-        self.runner = runner
-        self.target_vocab = target_vocab
-        self.chunk = chunk
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return adapt_vocab(self.runner.logits(hidden), self.target_vocab)
-
-    def catch_up(self, seqs: Seq[DraftSequence]) -> torch.Tensor:
-        """Feed every committed token the draft has not seen; logits of the next token [B, vocab]."""
-        hidden = self.runner.extend(
-            [s.draft_slot for s in seqs],
-            [s.draft_len for s in seqs],
-            [s.tokens[s.draft_len :] for s in seqs],
-            self.chunk,
-        )
-        for s in seqs:
-            s.draft_len = len(s.tokens)
-        return self._logits(hidden)
+    def __init__(self, draft: DraftModel):
+        self.draft = draft
 
     def propose(self, seqs: Seq[DraftSequence], gammas: Seq[int]) -> list[DraftTree]:
         trees = [DraftTree.root_only(s.tokens[-1]) for s in seqs]
@@ -59,7 +42,7 @@ class ChainProposer:
         drafted: list[list[int]] = [[] for _ in group]
         qs: list[list[torch.Tensor]] = [[] for _ in group]
 
-        logits = self.catch_up(group)  # [B, vocab]
+        logits = self.draft.catch_up(group)  # [B, vocab]
         live = list(range(len(group)))
         while True:
             picks = self._choose(logits, [group[k] for k in live])
@@ -76,8 +59,7 @@ class ChainProposer:
                 [_One(drafted[k][-1]) for k in live],
                 [group[k].draft_len + len(drafted[k]) - 1 for k in live],
             )
-            hidden = self.runner.forward([group[k].draft_slot for k in live], flat)
-            logits = self._logits(hidden[:, 0])
+            logits = self.draft.forward_logits([group[k].draft_slot for k in live], flat)[:, 0]
 
         for k, i in enumerate(active):
             s = group[k]

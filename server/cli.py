@@ -31,8 +31,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculation")
-    g.add_argument("--mode", default="chain", choices=["ar", "chain"], help="ar = plain decoding (no draft)")
+    g.add_argument("--mode", default="chain", choices=["ar", "chain", "tree"], help="ar = plain decoding (no draft)")
     g.add_argument("--draft-tokens", type=int, default=4, help="gamma: draft tokens per step (chain)")
+    g.add_argument("--tree-budget", type=int, default=16, help="draft nodes per step below the root (tree)")
+    g.add_argument("--tree-depth", type=int, default=6, help="levels below the root (tree)")
+    g.add_argument("--tree-topk", type=int, default=4, help="children per expanded node (tree)")
+    g.add_argument("--tree-static", action="store_true", help="a fixed top-k rank shape instead of a dynamic tree")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -100,23 +104,39 @@ def build_engine(args):
     from server.engine import Engine, EngineConfig
     from server.loader import load_pair
     from server.runner import ModelRunner
-    from server.sequence import SpecMode, SpecParams
 
     if args.max_model_len < 2:
         raise HedgerowError(f"--max-model-len must be >= 2, got {args.max_model_len}")
-    if args.draft_tokens < 0:
-        raise HedgerowError(f"--draft-tokens must be >= 0, got {args.draft_tokens}")
+    for flag in ("draft_tokens", "tree_budget", "tree_depth"):
+        if getattr(args, flag) < 0:
+            raise HedgerowError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.tree_topk < 1:
+        raise HedgerowError(f"--tree-topk must be >= 1, got {args.tree_topk}")
     target, draft = resolve_models(args)
     pair = load_pair(target, draft, target_device=args.target_device, draft_device=args.draft_device, dtype=args.dtype)
     slots = getattr(args, "max_batch_size", 1)
     config = EngineConfig(
         max_model_len=args.max_model_len,
         max_batch_size=slots,
-        spec=SpecParams(mode=SpecMode(args.mode), draft_tokens=args.draft_tokens),
+        max_waiting=getattr(args, "max_queue", EngineConfig.max_waiting),  # `hedgerow serve --max-queue`
+        spec=spec_from_args(args),
     )
     t = ModelRunner(pair.target, num_slots=slots, max_len=args.max_model_len, name="target")
     d = ModelRunner(pair.draft, num_slots=slots, max_len=args.max_model_len, name="draft") if pair.draft else None
     return Engine(t, d, eos_token_ids=eos_ids(pair.tokenizer, pair.target), config=config), pair.tokenizer
+
+
+def spec_from_args(args):
+    from server.sequence import SpecMode, SpecParams
+
+    return SpecParams(
+        mode=SpecMode(args.mode),
+        draft_tokens=args.draft_tokens,
+        tree_budget=args.tree_budget,
+        tree_depth=args.tree_depth,
+        tree_topk=args.tree_topk,
+        tree_static=args.tree_static,
+    )
 
 
 def eos_ids(tokenizer, model) -> set[int]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from drafting.chain import ChainProposer
+from drafting.draft_model import DraftModel
+from drafting.tree import TreeProposer, TreeShape, static_shape
 from server.errors import HedgerowError
 from server.runner import ModelRunner
 from server.scheduler import Scheduler
@@ -45,6 +47,8 @@ class StepOutput:
     token_ids: list[int]  # tokens committed by this step
     finish_reason: FinishReason | None
     sequence: Sequence
+    draft_tokens: int = 0  # draft tokens this step sent to verification
+    accepted_tokens: int = 0  # of which accepted and kept (the first ``accepted_tokens`` positions)
     error: str | None = None
 
 
@@ -74,7 +78,9 @@ class Engine:
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.scheduler = Scheduler(target.cache, draft.cache if draft else None, config.max_waiting)
-        self.chain = ChainProposer(draft, target.vocab_size, config.prefill_chunk) if draft else None
+        self.drafter = DraftModel(draft, target.vocab_size, config.prefill_chunk) if draft else None
+        self.chain = ChainProposer(self.drafter) if draft else None
+        self.tree = TreeProposer(self.drafter) if draft else None
         self.times = StepTimes()
         self.last_step_phases: dict[str, float] = {}
 
@@ -96,8 +102,6 @@ class Engine:
             raise HedgerowError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
         if spec.mode is not SpecMode.AR and self.draft is None:
             raise HedgerowError(f"speculation mode {spec.mode.value} needs a draft model; this server has none")
-        if spec.mode is SpecMode.TREE:
-            raise HedgerowError("speculation mode tree is not available yet")
         if self.scheduler.find(request.request_id) is not None:
             raise HedgerowError(f"request_id {request.request_id!r} is already in flight")
         seq = Sequence(request, spec)
@@ -107,11 +111,12 @@ class Engine:
             raise OverloadedError(str(exc)) from None
         return seq
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> bool:
+        """End a request now (cancelled, deadline, a stop string seen by the caller); frees its slots."""
         seq = self.scheduler.find(request_id)
         if seq is None:
             return False
-        self.scheduler.finish(seq, FinishReason.ABORT)
+        self.scheduler.finish(seq, reason)
         return True
 
     def has_work(self) -> bool:
@@ -119,39 +124,58 @@ class Engine:
 
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        phases: dict[str, float] = {}
+        """One step over the running batch. A failure fails only the requests it comes from: the
+        batch is retried one sequence at a time (a failed pass never touches committed KV rows)."""
         t0 = time.perf_counter()
         admitted = self.scheduler.admit()
+        outputs: list[StepOutput] = []
         if admitted:
-            self._prefill(admitted)
-        phases["prefill"] = time.perf_counter() - t0
+            try:
+                self._prefill(admitted)
+            except Exception:
+                log.exception("batched prefill failed; retrying one by one")
+                for seq in admitted:
+                    try:
+                        self._prefill([seq])
+                    except Exception as exc:
+                        log.exception("prefill failed for request %s", seq.request_id)
+                        outputs.append(self._fail(seq, exc))
+        phases = {"prefill": time.perf_counter() - t0}
         batch = list(self.scheduler.running)
         if not batch:
-            return []
+            return outputs
         try:
-            t = time.perf_counter()
-            trees = self._propose(batch)
-            phases["draft"] = time.perf_counter() - t
-            t = time.perf_counter()
-            flat = flatten(trees, [s.target_len for s in batch])
-            logits = self.target.logits(self.target.forward([s.target_slot for s in batch], flat))
-            phases["verify"] = time.perf_counter() - t
-            t = time.perf_counter()
-            results = accept(
-                trees, logits, [s.sampling for s in batch], [s.generator(self.target.device) for s in batch]
-            )
-            outputs = self._commit(batch, trees, results)
-            phases["accept"] = time.perf_counter() - t
-        except Exception as exc:  # a failed step fails its batch, never the engine
-            log.exception("engine step failed for %d sequence(s)", len(batch))
-            outputs = []
+            outputs += self._step(batch, phases)
+        except Exception:
+            log.exception("engine step failed for a batch of %d; retrying one by one", len(batch))
             for seq in batch:
-                self.scheduler.finish(seq, FinishReason.ERROR)
-                outputs.append(StepOutput(seq.request_id, [], FinishReason.ERROR, seq, error=str(exc)))
+                try:
+                    outputs += self._step([seq], phases)
+                except Exception as exc:
+                    log.exception("request %s failed", seq.request_id)
+                    outputs.append(self._fail(seq, exc))
         for k, v in phases.items():
             self.times.add(k, v)
         self.last_step_phases = phases
         return outputs
+
+    def _step(self, batch: list[Sequence], phases: dict[str, float]) -> list[StepOutput]:
+        t = time.perf_counter()
+        trees = self._propose(batch)
+        phases["draft"] = time.perf_counter() - t
+        t = time.perf_counter()
+        flat = flatten(trees, [s.target_len for s in batch])
+        logits = self.target.logits(self.target.forward([s.target_slot for s in batch], flat))
+        phases["verify"] = time.perf_counter() - t
+        t = time.perf_counter()
+        results = accept(trees, logits, [s.sampling for s in batch], [s.generator(self.target.device) for s in batch])
+        outputs = self._commit(batch, trees, results)
+        phases["accept"] = time.perf_counter() - t
+        return outputs
+
+    def _fail(self, seq: Sequence, exc: Exception) -> StepOutput:
+        self.scheduler.finish(seq, FinishReason.ERROR)
+        return StepOutput(seq.request_id, [], FinishReason.ERROR, seq, error=f"{type(exc).__name__}: {exc}")
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Cache every prompt token but the last; the last is the first step's root."""
@@ -163,19 +187,36 @@ class Engine:
         for s in seqs:
             s.target_len = s.prompt_len - 1
 
-    def _budget(self, seq: Sequence) -> int:
-        """Draft tokens for this step: the request's gamma, capped by what may still be emitted."""
-        if seq.spec.mode is SpecMode.AR:
-            return 0
-        remaining = seq.request.max_new_tokens - seq.num_generated
-        room = self.config.max_model_len - len(seq.tokens)
-        return max(0, min(seq.spec.draft_tokens, remaining - 1, room - 1))
+    def _limits(self, seq: Sequence) -> tuple[int, int]:
+        """(deepest useful draft, draft tokens the KV slot can verify) for this step: a step emits
+        at most depth + 1 tokens, and the root plus every draft node need a KV row."""
+        depth = seq.request.max_new_tokens - seq.num_generated - 1
+        rows = self.config.max_model_len - len(seq.tokens) - 1
+        return max(0, min(depth, rows)), max(0, rows)
+
+    def _chain_budget(self, seq: Sequence) -> int:
+        return min(seq.spec.draft_tokens, *self._limits(seq))
+
+    def _tree_shape(self, seq: Sequence) -> TreeShape:
+        spec = seq.spec
+        max_depth, rows = self._limits(seq)
+        budget = min(spec.tree_budget, rows)
+        depth = min(spec.tree_depth, max_depth, budget)
+        static = static_shape(budget, depth, spec.tree_topk) if spec.tree_static else None
+        return TreeShape(budget=budget, depth=depth, topk=spec.tree_topk, static=static)
 
     def _propose(self, batch: list[Sequence]) -> list[DraftTree]:
-        budgets = [self._budget(s) for s in batch]
-        if self.chain is None or not any(budgets):
-            return [DraftTree.root_only(s.tokens[-1]) for s in batch]
-        return self.chain.propose(batch, budgets)
+        trees = [DraftTree.root_only(s.tokens[-1]) for s in batch]
+        for mode, proposer, plan in (
+            (SpecMode.CHAIN, self.chain, self._chain_budget),
+            (SpecMode.TREE, self.tree, self._tree_shape),
+        ):
+            idx = [i for i, s in enumerate(batch) if s.spec.mode is mode]
+            if idx:
+                group = [batch[i] for i in idx]
+                for i, tree in zip(idx, proposer.propose(group, [plan(s) for s in group])):
+                    trees[i] = tree
+        return trees
 
     def _commit(self, batch: list[Sequence], trees: list[DraftTree], results: list[Acceptance]) -> list[StepOutput]:
         outputs, keep_slots, keep_rows, keep_dst = [], [], [], []
@@ -188,9 +229,10 @@ class Engine:
                 reason = self._stop_reason(seq, tok)
                 if reason is not None:
                     break
+            accepted = min(res.num_accepted, len(kept))  # nothing after EOS / the limit counts
             seq.stats.verify_steps += 1
             seq.stats.draft_tokens += tree.num_draft_tokens
-            seq.stats.accepted_tokens += min(res.num_accepted, len(kept))  # nothing after EOS / the limit
+            seq.stats.accepted_tokens += accepted
             seq.stats.emitted_per_step[len(kept)] += 1
             if reason is not None:
                 self.scheduler.finish(seq, reason)
@@ -199,9 +241,9 @@ class Engine:
                 keep_rows.append([start + i for i in res.path])
                 keep_dst.append(start)
                 seq.target_len = start + len(res.path)
-                if self.chain is not None and seq.draft_slot is not None:
+                if seq.spec.mode is SpecMode.CHAIN:
                     self.chain.commit(seq, tree, res.num_accepted)
-            outputs.append(StepOutput(seq.request_id, kept, reason, seq))
+            outputs.append(StepOutput(seq.request_id, kept, reason, seq, tree.num_draft_tokens, accepted))
         self.target.cache.compact(keep_slots, keep_rows, keep_dst)
         return outputs
 

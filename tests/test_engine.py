@@ -158,3 +158,30 @@ def test_finished_and_aborted_requests_free_their_slots(pair):
     while engine.has_work():
         engine.step()
     assert engine.target.cache.slots_in_use == 0 and engine.draft.cache.slots_in_use == 0
+
+
+def test_a_failing_request_fails_alone(pair, references):
+    """A forward that raises whenever one request is in it fails that request; its batch-mates
+    finish with their exact greedy output and the engine keeps serving."""
+    target, draft = pair
+    engine = make_engine(target, draft, gamma=4)
+    real_forward = engine.target.forward
+
+    def forward(slots, flat):
+        if bad.target_slot in slots:
+            raise RuntimeError("poisoned request")
+        return real_forward(slots, flat)
+
+    engine.target.forward = forward
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(request(str(i), p, 40))
+    bad = engine.add_request(request("bad", [3, 9, 4], 40))
+    errors, seqs = {}, {}
+    while engine.has_work():
+        for out in engine.step():
+            seqs[out.request_id] = out.sequence
+            if out.error:
+                errors[out.request_id] = out.error
+    assert list(errors) == ["bad"] and "poisoned request" in errors["bad"]
+    assert [seqs[str(i)].generated for i in range(len(PROMPTS))] == references
+    assert engine.target.cache.slots_in_use == 0 and engine.draft.cache.slots_in_use == 0

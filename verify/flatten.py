@@ -64,49 +64,74 @@ def tree_depths_and_ancestors(parents: torch.Tensor) -> tuple[torch.Tensor, torc
     return torch.tensor(depth), anc
 
 
+def pack(
+    tokens: Sequence[torch.Tensor],
+    depths: Sequence[torch.Tensor],
+    prefix_lens: Sequence[int],
+    visible: Sequence[torch.Tensor],
+    root_positions: Sequence[int] | None = None,
+) -> FlatBatch:
+    """The general form: per sequence a block of n new tokens after P fully visible rows and E
+    earlier rows that are only partly visible (tree nodes fed by an earlier pass).
+
+    tokens[b]: [n]; depths[b]: [n], depth below the tree's root;
+    visible[b]: [n, E + n] bool over rows P .. P + E + n - 1 (the earlier rows, then the block);
+    root_positions[b]: the root's position (default P: the block starts with the root). A drafter
+    feeding the levels of a tree whose root is already cached passes P - 1.
+    The block's rows are P + E + i and its positions root_position + depth.
+    """
+    b = len(tokens)
+    sizes = [int(t.shape[0]) for t in tokens]
+    extra = [int(v.shape[1]) - n for v, n in zip(visible, sizes)]
+    n = max(sizes)
+    lens = torch.tensor(list(prefix_lens), dtype=torch.long)
+    num = torch.tensor(sizes, dtype=torch.long)
+    ext = torch.tensor(extra, dtype=torch.long)
+
+    tok = torch.zeros(b, n, dtype=torch.long)
+    dep = torch.zeros(b, n, dtype=torch.long)
+    width = max(e + k for e, k in zip(extra, sizes))
+    vis = torch.zeros(b, n, width, dtype=torch.bool)
+    anc = torch.zeros(b, n, n, dtype=torch.bool)
+    for i in range(b):
+        k, e = sizes[i], extra[i]
+        tok[i, :k] = tokens[i]
+        dep[i, :k] = depths[i]
+        vis[i, :k, : e + k] = visible[i]
+        anc[i, :k, :k] = visible[i][:, e:]
+
+    node = torch.arange(n)
+    valid = node[None, :] < num[:, None]  # [B, N]
+    base = lens if root_positions is None else torch.tensor(list(root_positions), dtype=torch.long)
+    positions = base[:, None] + dep
+    cache_rows = lens[:, None] + ext[:, None] + node[None, :]
+
+    kv_len = int((lens + ext + num).max())
+    cols = torch.arange(kv_len)
+    j = cols[None, :] - lens[:, None]  # [B, K] index into the partly visible region
+    in_region = (j >= 0) & (j < (ext + num)[:, None])
+    region = vis.gather(2, j.clamp(0, width - 1)[:, None, :].expand(b, n, kv_len))
+    mask = (cols[None, None, :] < lens[:, None, None]) | (region & in_region[:, None, :])
+    mask = torch.where(valid[:, :, None], mask, cols[None, None, :] == 0)  # padding rows see column 0
+    return FlatBatch(
+        tokens=tok,
+        positions=positions,
+        cache_rows=cache_rows,
+        valid=valid,
+        ancestors=anc,
+        mask=mask[:, None],
+        prefix_lens=lens,
+        num_nodes=num,
+        depths=dep,
+    )
+
+
 def flatten(trees: Sequence[TreeShape], prefix_lens: Sequence[int]) -> FlatBatch:
     """Pure function: trees + cached prefix lengths -> the tensors of one batched forward (on CPU)."""
     if len(trees) != len(prefix_lens) or not trees:
         raise ValueError("flatten needs one prefix length per tree and at least one tree")
-    b = len(trees)
-    sizes = [int(t.tokens.shape[0]) for t in trees]
-    n = max(sizes)
-    lens = torch.tensor(list(prefix_lens), dtype=torch.long)
-    num = torch.tensor(sizes, dtype=torch.long)
-
-    tokens = torch.zeros(b, n, dtype=torch.long)
-    depths = torch.zeros(b, n, dtype=torch.long)
-    ancestors = torch.zeros(b, n, n, dtype=torch.bool)
-    for i, tree in enumerate(trees):
-        d, a = tree_depths_and_ancestors(tree.parents)
-        k = sizes[i]
-        tokens[i, :k] = tree.tokens
-        depths[i, :k] = d
-        ancestors[i, :k, :k] = a
-
-    node = torch.arange(n)
-    valid = node[None, :] < num[:, None]  # [B, N]
-    positions = lens[:, None] + depths
-    cache_rows = lens[:, None] + node[None, :]
-
-    kv_len = int((lens + num).max())
-    cols = torch.arange(kv_len)
-    j = cols[None, :] - lens[:, None]  # [B, K] tree index of each key column
-    in_tree = (j >= 0) & (j < num[:, None])
-    tree_part = ancestors.gather(2, j.clamp(0, n - 1)[:, None, :].expand(b, n, kv_len))
-    mask = (cols[None, None, :] < lens[:, None, None]) | (tree_part & in_tree[:, None, :])
-    mask = torch.where(valid[:, :, None], mask, cols[None, None, :] == 0)  # padding rows see column 0
-    return FlatBatch(
-        tokens=tokens,
-        positions=positions,
-        cache_rows=cache_rows,
-        valid=valid,
-        ancestors=ancestors,
-        mask=mask[:, None],
-        prefix_lens=lens,
-        num_nodes=num,
-        depths=depths,
-    )
+    shapes = [tree_depths_and_ancestors(t.parents) for t in trees]
+    return pack([t.tokens for t in trees], [d for d, _ in shapes], prefix_lens, [a for _, a in shapes])
 
 
 def retrieve_indices(parents: torch.Tensor) -> torch.Tensor:

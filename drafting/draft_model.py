@@ -1,0 +1,73 @@
+"""The draft model as proposers use it: catch up on committed tokens, give next-token logits on
+the target's vocabulary, and choose children (top-k, or Gumbel-top-k draws without replacement)."""
+
+from __future__ import annotations
+
+from typing import Sequence as Seq
+
+import torch
+
+from drafting.base import DraftSequence, adapt_vocab
+from server.runner import ModelRunner
+from verify.flatten import FlatBatch
+from verify.sampling import SamplingParams, warp_probs
+
+
+class DraftModel:
+    def __init__(self, runner: ModelRunner, target_vocab: int, chunk: int = 512):
+        self.runner = runner
+        self.target_vocab = target_vocab
+        self.chunk = chunk
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def max_len(self) -> int:
+        return self.runner.max_len
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return adapt_vocab(self.runner.logits(hidden), self.target_vocab)
+
+    def forward_logits(self, slots: list[int], flat: FlatBatch) -> torch.Tensor:
+        """Logits [B, N, vocab] of a packed block."""
+        return self.logits(self.runner.forward(slots, flat))
+
+    def catch_up(self, seqs: Seq[DraftSequence]) -> torch.Tensor:
+        """Feed every committed token the draft has not seen; logits of the next token [B, vocab].
+
+        At least the root is fed (its logits are the first proposal), even if a failed earlier
+        attempt already wrote its row. Afterwards ``draft_len == len(tokens)``.
+        """
+        starts = [min(s.draft_len, len(s.tokens) - 1) for s in seqs]
+        hidden = self.runner.extend(
+            [s.draft_slot for s in seqs], starts, [s.tokens[a:] for s, a in zip(seqs, starts)], self.chunk
+        )
+        for s in seqs:
+            s.draft_len = len(s.tokens)
+        return self.logits(hidden)
+
+
+def top_children(logits: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
+    """Deterministic children: the k most probable tokens and their draft log-probabilities."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    val, idx = logp.topk(k)
+    return idx.tolist(), val.tolist()
+
+
+def sampled_children(
+    logits: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator
+) -> tuple[list[int], list[float], torch.Tensor]:
+    """k draws without replacement from the warped draft distribution q, in draw order.
+
+    Gumbel-top-k: the k largest ``log q + Gumbel`` keys are a draw without replacement. At most
+    as many draws as q has non-zero tokens. Returns tokens, their log q, and q itself.
+    """
+    q = warp_probs(logits, params)
+    logq = torch.log(q)
+    gumbel = -torch.log(torch.empty_like(q).exponential_(generator=generator))
+    k = min(k, int((q > 0).sum()))
+    keys = (logq + gumbel).masked_fill(q <= 0, float("-inf"))
+    idx = keys.topk(k).indices
+    return idx.tolist(), logq[idx].tolist(), q

@@ -1,0 +1,148 @@
+"""Token trees: one tree pass equals per-path recomputation; greedy trees equal the target alone;
+sampled trees (and chains) draw from the target's distribution, end to end through the engine."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from drafting.tree import static_shape
+from server.runner import ModelRunner
+from server.sequence import SpecMode, SpecParams
+from tests.tiny import hf_greedy, make_engine, request, tiny_model
+from verify import attention
+from verify.flatten import flatten
+from verify.sampling import SamplingParams, warp_probs
+from verify.tree import DraftTree
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
+DYNAMIC = SpecParams(mode=SpecMode.TREE, tree_budget=12, tree_depth=4, tree_topk=3)
+STATIC = SpecParams(mode=SpecMode.TREE, tree_budget=10, tree_depth=4, tree_topk=3, tree_static=True)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pair(arch):
+    return tiny_model(arch, seed=0), tiny_model(arch, seed=1, layers=1, hidden=32)
+
+
+def _path_logits(model, tokens):
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([tokens])).logits[0, -1].float()
+    finally:
+        model.set_attn_implementation(attention.REFERENCE)
+
+
+def test_tree_pass_equals_each_root_to_node_path(arch):
+    target = tiny_model(arch, seed=0, dtype=torch.float32)
+    runner = ModelRunner(target, num_slots=3, max_len=64)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15]]
+    trees = [
+        DraftTree(torch.tensor([7, 20, 21, 22, 23, 24]), torch.tensor([-1, 0, 0, 1, 1, 3])),
+        DraftTree(torch.tensor([10, 30]), torch.tensor([-1, 0])),
+        DraftTree(torch.tensor([15, 40, 41, 42]), torch.tensor([-1, 0, 0, 0])),
+    ]
+    slots = [runner.cache.allocate() for _ in prompts]
+    runner.extend(slots, [0] * 3, [p[:-1] for p in prompts], chunk=4)
+    logits = runner.logits(runner.forward(slots, flatten(trees, [len(p) - 1 for p in prompts])))
+    for b, (p, tree) in enumerate(zip(prompts, trees)):
+        parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
+        for i in range(len(tokens)):
+            path = [i]
+            while parents[path[-1]] >= 0:
+                path.append(parents[path[-1]])
+            want = _path_logits(target, p[:-1] + [tokens[j] for j in reversed(path)])
+            err = (logits[b, i] - want).abs().max().item()
+            assert err < 1e-4, f"sequence {b} node {i}: max abs diff {err}"
+
+
+@pytest.mark.parametrize("spec", [DYNAMIC, STATIC], ids=["dynamic", "static"])
+def test_greedy_tree_equals_target_generate(pair, spec):
+    target, draft = pair
+    refs = [hf_greedy(target, p, 30) for p in PROMPTS]
+    out = make_engine(target, draft).generate(request(str(i), p, 30, spec=spec) for i, p in enumerate(PROMPTS))
+    assert [out[str(i)].generated for i in range(len(PROMPTS))] == refs
+    solo = make_engine(target, draft, slots=1)
+    for i, p in enumerate(PROMPTS):
+        assert solo.generate([request("r", p, 30, spec=spec)])["r"].generated == refs[i]
+
+
+def test_draft_equal_to_target_tree_accepts_the_full_depth(pair):
+    target, _ = pair
+    spec = SpecParams(mode=SpecMode.TREE, tree_budget=8, tree_depth=3, tree_topk=2, tree_static=True)
+    seq = make_engine(target, target).generate([request("r", PROMPTS[0], 40, spec=spec, ignore_eos=True)])["r"]
+    assert seq.stats.emitted_per_step[4] == 10  # the top-1 path is the target's own: depth 3 + bonus, every step
+
+
+def test_static_shape_is_closed_under_ancestors_and_lower_siblings():
+    paths = static_shape(12, 4, 3)
+    assert len(paths) == 12 and len(set(paths)) == 12
+    for p in paths:
+        assert max(len(p) for p in paths) <= 4
+        if len(p) > 1:
+            assert p[:-1] in paths
+        if p[-1] > 0:
+            assert p[:-1] + (p[-1] - 1,) in paths
+
+
+# --- sampling, end to end -------------------------------------------------------------------------
+SAMPLING = SamplingParams(temperature=0.8, top_k=3)
+
+
+def _exact_joint(target, prompt):
+    """The target's own distribution of the first two generated tokens."""
+    out = {}
+    p1 = warp_probs(torch.tensor(_path_logits(target, prompt).tolist()), SAMPLING)
+    for x1 in torch.nonzero(p1).flatten().tolist():
+        p2 = warp_probs(_path_logits(target, prompt + [x1]), SAMPLING)
+        for x2 in torch.nonzero(p2).flatten().tolist():
+            out[(x1, x2)] = float(p1[x1] * p2[x2])
+    return out
+
+
+@pytest.mark.parametrize(
+    "mode,spec",
+    [
+        ("chain", SpecParams(mode=SpecMode.CHAIN, draft_tokens=3)),
+        ("dynamic tree", SpecParams(mode=SpecMode.TREE, tree_budget=6, tree_depth=2, tree_topk=2)),
+        ("static tree", SpecParams(mode=SpecMode.TREE, tree_budget=6, tree_depth=2, tree_topk=2, tree_static=True)),
+    ],
+)
+def test_sampled_speculation_draws_from_the_target_distribution(mode, spec):
+    """600 seeded requests; chi-square of the first two tokens against the exact joint. The draft
+    is a perturbed copy of the target, so acceptance and rejection both happen often."""
+    target = tiny_model("llama", seed=0)
+    draft = tiny_model("llama", seed=0)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for w in draft.parameters():
+            w.add_(torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.005)
+    prompt = [5, 6, 7]
+    want = _exact_joint(target, prompt)
+    engine = make_engine(target, draft, slots=16)
+    n = 600
+    out = engine.generate(
+        request(str(s), prompt, 2, sampling=SamplingParams(temperature=0.8, top_k=3, seed=s), spec=spec, ignore_eos=True)
+        for s in range(n)
+    )
+    counts = {}
+    for seq in out.values():
+        key = tuple(seq.generated)
+        assert key in want, f"{mode}: drew {key}, which has probability 0 under the target"
+        counts[key] = counts.get(key, 0) + 1
+    chi2 = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in want.items())
+    dof = len(want) - 1
+    # chi-square upper tail at p = 0.001 via the Wilson-Hilferty approximation
+    z = 3.09
+    limit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < limit, f"{mode}: chi2 {chi2:.1f} over {dof} dof exceeds {limit:.1f}"
+    accepted = sum(s.stats.accepted_tokens for s in out.values())
+    drafted = sum(s.stats.draft_tokens for s in out.values())
+    assert 0.05 * drafted < accepted < 0.95 * drafted, f"{mode}: acceptance {accepted}/{drafted} tests too little"
