@@ -18,7 +18,7 @@ def test_ci_runs_the_readme_test_command():
     steps = [s.strip() for s in readme_command("test-command").split("&&")]
     assert steps[0] == "pip install torch==2.13.0"
     assert "python -m pip install -q torch==2.13.0" in ci
-    assert 'python -m pip install -q -e ".[dev]"' in ci and steps[1] == 'pip install -e ".[dev]"'
+    assert 'python -m pip install -q -e ".[dev,cuda]"' in ci and steps[1] == 'pip install -e ".[dev,cuda]"'
     assert f"\n{steps[2]}\n" in ci
 
 
