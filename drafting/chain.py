@@ -11,7 +11,7 @@ the committed tokens stay: the catch-up rows and the accepted draft tokens' rows
 
 from __future__ import annotations
 
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import torch
 
@@ -29,8 +29,9 @@ class _One:
 
 
 class ChainProposer:
-    def __init__(self, draft: DraftModel):
+    def __init__(self, draft: DraftModel, stop_drafting: Callable[[torch.Tensor], bool] | None = None):
         self.draft = draft
+        self.stop_drafting = stop_drafting  # asked with each next-token distribution (confidence policy)
 
     def propose(self, seqs: Seq[DraftSequence], gammas: Seq[int]) -> list[DraftTree]:
         trees = [DraftTree.root_only(s.tokens[-1]) for s in seqs]
@@ -48,6 +49,11 @@ class ChainProposer:
             picks = self._choose(logits, [group[k] for k in live])
             for row, k in enumerate(live):
                 token, q = picks[row]
+                if self.stop_drafting is not None and self.stop_drafting(
+                    q if q is not None else torch.softmax(logits[row], -1)
+                ):
+                    want[k] = len(drafted[k])  # the draft is unsure here: stop this chain
+                    continue
                 drafted[k].append(token)
                 if q is not None:
                     qs[k].append(q)
@@ -64,6 +70,8 @@ class ChainProposer:
         for k, i in enumerate(active):
             s = group[k]
             tokens = [s.tokens[-1]] + drafted[k]
+            if not drafted[k]:
+                continue  # stopped before the first token: the root alone
             if s.sampling.greedy:
                 trees[i] = DraftTree(torch.tensor(tokens), chain_parents(len(tokens)), ChildRule.POINT_MASS)
             else:

@@ -18,6 +18,7 @@ class DraftModel:
         self.runner = runner
         self.target_vocab = target_vocab
         self.chunk = chunk
+        self.passes: list[int] = []  # tokens in each forward pass since the last reset (cost model input)
 
     @property
     def device(self) -> torch.device:
@@ -32,6 +33,7 @@ class DraftModel:
 
     def forward_logits(self, slots: list[int], flat: FlatBatch) -> torch.Tensor:
         """Logits [B, N, vocab] of a packed block."""
+        self.passes.append(int(flat.num_nodes.sum()))
         return self.logits(self.runner.forward(slots, flat))
 
     def catch_up(self, seqs: Seq[DraftSequence]) -> torch.Tensor:
@@ -41,6 +43,7 @@ class DraftModel:
         attempt already wrote its row. Afterwards ``draft_len == len(tokens)``.
         """
         starts = [min(s.draft_len, len(s.tokens) - 1) for s in seqs]
+        self.passes.append(sum(len(s.tokens) - a for s, a in zip(seqs, starts)))
         hidden = self.runner.extend(
             [s.draft_slot for s in seqs], starts, [s.tokens[a:] for s, a in zip(seqs, starts)], self.chunk
         )

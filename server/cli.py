@@ -37,6 +37,10 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tree-depth", type=int, default=6, help="levels below the root (tree)")
     g.add_argument("--tree-topk", type=int, default=4, help="children per expanded node (tree)")
     g.add_argument("--tree-static", action="store_true", help="a fixed top-k rank shape instead of a dynamic tree")
+    g.add_argument(
+        "--adaptive", default="cost", choices=["none", "heuristic", "confidence", "cost"],
+        help="draft-length policy (default cost: the gamma that maximises measured tokens/s, 0 when speculation does not pay)",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -120,6 +124,7 @@ def build_engine(args):
         max_batch_size=slots,
         max_waiting=getattr(args, "max_queue", EngineConfig.max_waiting),  # `hedgerow serve --max-queue`
         spec=spec_from_args(args),
+        adaptive=args.adaptive,
     )
     t = ModelRunner(pair.target, num_slots=slots, max_len=args.max_model_len, name="target")
     d = ModelRunner(pair.draft, num_slots=slots, max_len=args.max_model_len, name="draft") if pair.draft else None

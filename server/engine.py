@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+
+import torch
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from drafting.chain import ChainProposer
 from drafting.draft_model import DraftModel
+from drafting.policy import POLICIES, CostPolicy, make_policy
 from drafting.tree import TreeProposer, TreeShape, static_shape
 from server.errors import HedgerowError
 from server.runner import ModelRunner
@@ -34,11 +37,14 @@ class EngineConfig:
     max_waiting: int = 1024  # queued requests beyond the batch; more are refused
     prefill_chunk: int = 512  # prompt tokens per sequence per prefill pass
     spec: SpecParams = SpecParams()  # default speculation settings of requests that give none
+    adaptive: str = "cost"  # draft-length policy: none | heuristic | confidence | cost (drafting/policy.py)
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_batch_size", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.adaptive not in POLICIES:
+            raise ValueError(f"adaptive must be one of {', '.join(POLICIES)}, got {self.adaptive!r}")
 
 
 @dataclass
@@ -78,11 +84,14 @@ class Engine:
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.scheduler = Scheduler(target.cache, draft.cache if draft else None, config.max_waiting)
+        self.policy = make_policy(config.adaptive)
         self.drafter = DraftModel(draft, target.vocab_size, config.prefill_chunk) if draft else None
-        self.chain = ChainProposer(self.drafter) if draft else None
+        self.chain = ChainProposer(self.drafter, self.policy.stop_drafting) if draft else None
         self.tree = TreeProposer(self.drafter) if draft else None
         self.times = StepTimes()
         self.last_step_phases: dict[str, float] = {}
+        if isinstance(self.policy, CostPolicy) and draft is not None:
+            self.calibrate()
 
     # --- requests ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> Sequence:
@@ -161,16 +170,21 @@ class Engine:
 
     def _step(self, batch: list[Sequence], phases: dict[str, float]) -> list[StepOutput]:
         t = time.perf_counter()
+        if self.drafter is not None:
+            self.drafter.passes = []
         trees = self._propose(batch)
         phases["draft"] = time.perf_counter() - t
         t = time.perf_counter()
         flat = flatten(trees, [s.target_len for s in batch])
         logits = self.target.logits(self.target.forward([s.target_slot for s in batch], flat))
+        results = accept(trees, logits, [s.sampling for s in batch], [s.generator(self.target.device) for s in batch])
         phases["verify"] = time.perf_counter() - t
         t = time.perf_counter()
-        results = accept(trees, logits, [s.sampling for s in batch], [s.generator(self.target.device) for s in batch])
         outputs = self._commit(batch, trees, results)
-        phases["accept"] = time.perf_counter() - t
+        phases["commit"] = time.perf_counter() - t
+        self.policy.observe_step(
+            int(flat.num_nodes.sum()), phases["verify"], self.drafter.passes if self.drafter else [], phases["draft"]
+        )
         return outputs
 
     def _fail(self, seq: Sequence, exc: Exception) -> StepOutput:
@@ -194,28 +208,30 @@ class Engine:
         rows = self.config.max_model_len - len(seq.tokens) - 1
         return max(0, min(depth, rows)), max(0, rows)
 
-    def _chain_budget(self, seq: Sequence) -> int:
-        return min(seq.spec.draft_tokens, *self._limits(seq))
-
-    def _tree_shape(self, seq: Sequence) -> TreeShape:
+    def _tree_shape(self, seq: Sequence, budget: int) -> TreeShape:
         spec = seq.spec
-        max_depth, rows = self._limits(seq)
-        budget = min(spec.tree_budget, rows)
-        depth = min(spec.tree_depth, max_depth, budget)
+        depth = min(spec.tree_depth, self._limits(seq)[0], budget)
         static = static_shape(budget, depth, spec.tree_topk) if spec.tree_static else None
         return TreeShape(budget=budget, depth=depth, topk=spec.tree_topk, static=static)
 
     def _propose(self, batch: list[Sequence]) -> list[DraftTree]:
+        """Per mode: the policy sizes each sequence's draft within its limits, the proposer drafts."""
         trees = [DraftTree.root_only(s.tokens[-1]) for s in batch]
-        for mode, proposer, plan in (
-            (SpecMode.CHAIN, self.chain, self._chain_budget),
-            (SpecMode.TREE, self.tree, self._tree_shape),
-        ):
+        for mode in (SpecMode.CHAIN, SpecMode.TREE):
             idx = [i for i, s in enumerate(batch) if s.spec.mode is mode]
-            if idx:
-                group = [batch[i] for i in idx]
-                for i, tree in zip(idx, proposer.propose(group, [plan(s) for s in group])):
-                    trees[i] = tree
+            if not idx:
+                continue
+            group = [batch[i] for i in idx]
+            if mode is SpecMode.CHAIN:
+                limits = [min(*self._limits(s)) for s in group]
+                sizes = self.policy.plan(group, [s.spec.draft_tokens for s in group], limits)
+                proposed = self.chain.propose(group, sizes)
+            else:
+                limits = [self._limits(s)[1] for s in group]
+                sizes = self.policy.plan(group, [s.spec.tree_budget for s in group], limits)
+                proposed = self.tree.propose(group, [self._tree_shape(s, n) for s, n in zip(group, sizes)])
+            for i, tree in zip(idx, proposed):
+                trees[i] = tree
         return trees
 
     def _commit(self, batch: list[Sequence], trees: list[DraftTree], results: list[Acceptance]) -> list[StepOutput]:
@@ -234,6 +250,8 @@ class Engine:
             seq.stats.draft_tokens += tree.num_draft_tokens
             seq.stats.accepted_tokens += accepted
             seq.stats.emitted_per_step[len(kept)] += 1
+            if tree.num_draft_tokens:
+                self.policy.observe(seq, int(tree.depths().max()), res.num_accepted)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             else:
@@ -253,6 +271,21 @@ class Engine:
         if seq.num_generated >= seq.request.max_new_tokens or len(seq.tokens) >= self.config.max_model_len:
             return FinishReason.LENGTH
         return None
+
+    # --- cost model ------------------------------------------------------------------------------
+    def calibrate(self, sizes: tuple[int, ...] = (1, 4, 16, 32)) -> None:
+        """Seed the cost policy with measured forward times of both models (scratch slot, so no
+        sequence is touched). Online measurements refine it from the first step on."""
+        for runner, cost in ((self.target, self.policy.verify), (self.draft, self.policy.draft)):
+            scratch = runner.cache.scratch_slot
+            for rep in range(2):  # the first round warms up kernels and allocator
+                for n in sizes:
+                    chain = DraftTree(torch.zeros(n, dtype=torch.long), torch.arange(n) - 1)
+                    flat = flatten([chain], [0])
+                    t = time.perf_counter()
+                    runner.logits(runner.forward([scratch], flat)[:, -1]).argmax(-1).tolist()
+                    if rep:
+                        cost.observe(n, time.perf_counter() - t)
 
     # --- offline helper ------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request]) -> dict[str, Sequence]:

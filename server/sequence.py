@@ -103,6 +103,7 @@ class Sequence:
         self.draft_len = 0
         self.finish_reason: FinishReason | None = None
         self.stats = SeqStats()
+        self.policy_state: dict = {}  # the draft-length policy's per-sequence memory
         self.seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         self._generators: dict[torch.device, torch.Generator] = {}
 

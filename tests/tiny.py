@@ -44,10 +44,10 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return gen[: gen.index(EOS) + 1] if EOS in gen else gen
 
 
-def make_engine(target, draft=None, *, mode=SpecMode.CHAIN, gamma=4, slots=8, max_len=256, **cfg) -> Engine:
+def make_engine(target, draft=None, *, mode=SpecMode.CHAIN, gamma=4, slots=8, max_len=256, adaptive="none", **cfg) -> Engine:
     t = ModelRunner(target, num_slots=slots, max_len=max_len, name="target")
     d = ModelRunner(draft, num_slots=slots, max_len=max_len, name="draft") if draft is not None else None
-    config = EngineConfig(max_model_len=max_len, max_batch_size=slots, spec=SpecParams(mode=mode, draft_tokens=gamma), **cfg)
+    config = EngineConfig(max_model_len=max_len, max_batch_size=slots, spec=SpecParams(mode=mode, draft_tokens=gamma), adaptive=adaptive, **cfg)
     return Engine(t, d, eos_token_ids=[EOS], config=config)
 
 

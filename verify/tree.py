@@ -59,6 +59,13 @@ class DraftTree:
         if self.rule is not ChildRule.POINT_MASS and n > 1 and self.draft_probs is None:
             raise ValueError(f"rule {self.rule.value} needs the draft distributions")
 
+    def depths(self) -> torch.Tensor:
+        """[N] depth of every node below the root."""
+        depth = [0] * self.num_nodes
+        for i, p in enumerate(self.parents.tolist()[1:], start=1):
+            depth[i] = depth[p] + 1
+        return torch.tensor(depth)
+
     @property
     def num_nodes(self) -> int:
         return self.tokens.shape[0]

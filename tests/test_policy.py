@@ -1,0 +1,109 @@
+"""Draft-length policies: the cost model's decisions, and losslessness under every policy."""
+
+import pytest
+
+from drafting.policy import AcceptanceStats, CostPolicy, HeuristicPolicy, LinearCost, make_policy
+from server.sequence import SpecMode, SpecParams
+from tests.tiny import hf_greedy, make_engine, request, tiny_model
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
+
+
+class Seq:
+    def __init__(self, rid="r"):
+        self.request_id = rid
+        self.policy_state = {}
+
+
+def cost_policy(alpha: float, verify=(0.010, 0.0002), draft=(0.002, 0.00005)) -> CostPolicy:
+    p = CostPolicy()
+    p.verify.a, p.verify.b = verify
+    p.draft.a, p.draft.b = draft
+    p.global_stats.hits = [alpha] * p.max_gamma
+    return p
+
+
+def test_linear_cost_fit_recovers_a_line():
+    c = LinearCost()
+    for n in (1, 4, 16, 32, 8, 2):
+        c.observe(n, 0.003 + 0.0005 * n)
+    assert c(0) == pytest.approx(0.003, rel=1e-6) and c(10) == pytest.approx(0.008, rel=1e-6)
+
+
+def test_acceptance_stats_expected_tokens():
+    s = AcceptanceStats(4, prior=0.5)
+    assert s.expected_tokens(0) == 1.0
+    assert s.expected_tokens(2) == pytest.approx(1 + 0.5 + 0.25)
+    for _ in range(200):
+        s.observe(drafted=4, accepted=1)  # position 1 always accepted, position 2 always rejected
+    assert s.hits[0] > 0.99 and s.hits[1] < 0.01
+
+
+def test_cost_policy_speculates_with_a_good_cheap_draft():
+    p = cost_policy(alpha=0.8)
+    assert p.plan([Seq()], [8], [8])[0] >= 3
+
+
+def test_cost_policy_falls_to_plain_decoding_with_a_useless_draft():
+    p = cost_policy(alpha=0.02)
+    assert p.plan([Seq()], [8], [8]) == [0]
+
+
+def test_cost_policy_falls_to_plain_decoding_when_verify_is_expensive():
+    # a verify pass whose cost grows steeply with its tokens (compute-bound): extra tokens never pay
+    p = cost_policy(alpha=0.6, verify=(0.010, 0.010))
+    assert p.plan([Seq()], [8], [8]) == [0]
+
+
+def test_cost_policy_drafts_less_as_the_batch_grows():
+    p = cost_policy(alpha=0.7, verify=(0.010, 0.0008))
+    g1 = p.plan([Seq()], [8], [8])[0]
+    g32 = p.plan([Seq(str(i)) for i in range(32)], [8] * 32, [8] * 32)
+    assert max(g32) < g1
+
+
+def test_cost_policy_respects_limits_and_probes_rarely():
+    p = cost_policy(alpha=0.02)
+    p.probe_every = 4
+    plans = [p.plan([Seq()], [8], [8])[0] for _ in range(8)]
+    assert plans.count(1) == 2 and plans.count(0) == 6
+    assert cost_policy(alpha=0.9).plan([Seq()], [8], [2]) == [2]
+
+
+def test_heuristic_policy_grows_and_shrinks():
+    p, s = HeuristicPolicy(), Seq()
+    assert p.plan([s], [4], [16]) == [4]
+    p.observe(s, 4, 4)
+    assert p.plan([s], [4], [16]) == [6]
+    p.observe(s, 6, 2)
+    assert p.plan([s], [4], [16]) == [5]
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="adaptive"):
+        make_policy("fastest")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_model("llama", seed=0), tiny_model("llama", seed=1, layers=1, hidden=32)
+
+
+@pytest.mark.parametrize("policy", ["heuristic", "confidence", "cost"])
+@pytest.mark.parametrize("mode", [SpecMode.CHAIN, SpecMode.TREE])
+def test_every_policy_keeps_greedy_output_equal_to_the_target(pair, policy, mode):
+    target, draft = pair
+    refs = [hf_greedy(target, p, 30) for p in PROMPTS]
+    spec = SpecParams(mode=mode, draft_tokens=4, tree_budget=8, tree_depth=4, tree_topk=2)
+    engine = make_engine(target, draft, adaptive=policy)
+    out = engine.generate(request(str(i), p, 30, spec=spec) for i, p in enumerate(PROMPTS))
+    assert [out[str(i)].generated for i in range(len(PROMPTS))] == refs
+    solo = make_engine(target, draft, adaptive=policy, slots=1)
+    assert solo.generate([request("r", PROMPTS[2], 30, spec=spec)])["r"].generated == refs[2]
+
+
+def test_cost_policy_stops_speculating_with_a_random_draft(pair):
+    target, draft = pair  # an unrelated random draft: almost nothing is accepted
+    engine = make_engine(target, draft, adaptive="cost")
+    seq = engine.generate([request("r", PROMPTS[0], 120, ignore_eos=True)])["r"]
+    assert seq.stats.draft_tokens < 0.25 * seq.stats.verify_steps, seq.stats
