@@ -16,6 +16,7 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from drafting.base import DraftSequence
+from drafting.branch import Hedge
 from drafting.draft_model import DraftModel
 from verify.flatten import flatten
 from verify.sampling import sample, warp_probs
@@ -33,27 +34,40 @@ class ChainProposer:
         self.draft = draft
         self.stop_drafting = stop_drafting  # asked with each next-token distribution (confidence policy)
 
-    def propose(self, seqs: Seq[DraftSequence], gammas: Seq[int]) -> list[DraftTree]:
+    def propose(
+        self, seqs: Seq[DraftSequence], gammas: Seq[int], ready: Seq[Hedge | None] | None = None
+    ) -> list[DraftTree]:
+        """One chain per sequence. ``ready[i]``, a hedge branch that came true last step, is the
+        chain itself: one catch-up pass gives the draft its rows, nothing is drafted.
+
+        Afterwards ``last_logits[i]`` is the draft's logits for the last draft token (None without
+        one): the brancher hedges against its rejection."""
+        ready = list(ready) if ready is not None else [None] * len(seqs)
         trees = [DraftTree.root_only(s.tokens[-1]) for s in seqs]
+        self.last_logits: list[torch.Tensor | None] = [None] * len(seqs)
         active = [i for i, g in enumerate(gammas) if g > 0]
         if not active:
             return trees
         group = [seqs[i] for i in active]
-        want = [gammas[i] for i in active]
-        drafted: list[list[int]] = [[] for _ in group]
-        qs: list[list[torch.Tensor]] = [[] for _ in group]
+        hedges = [ready[i] for i in active]
+        want = [0 if hedges[k] else gammas[i] for k, i in enumerate(active)]
+        drafted: list[list[int]] = [list(h.tail) if h else [] for h in hedges]
+        qs: list[list[torch.Tensor]] = [list(h.probs) if h else [] for h in hedges]
 
-        logits = self.draft.catch_up(group)  # [B, vocab]
-        live = list(range(len(group)))
-        while True:
-            picks = self._choose(logits, [group[k] for k in live])
+        logits = self.draft.catch_up(group, [d[:-1] for d in drafted])  # [B, vocab]
+        last: list[torch.Tensor | None] = [logits[k] if hedges[k] else None for k in range(len(group))]
+        live = [k for k in range(len(group)) if want[k] > 0]
+        rows = {k: k for k in live}  # live sequence -> its row of ``logits``
+        while live:
+            picks = self._choose(logits[[rows[k] for k in live]], [group[k] for k in live])
             for row, k in enumerate(live):
                 token, q = picks[row]
                 if self.stop_drafting is not None and self.stop_drafting(
-                    q if q is not None else torch.softmax(logits[row], -1)
+                    q if q is not None else torch.softmax(logits[rows[k]], -1)
                 ):
                     want[k] = len(drafted[k])  # the draft is unsure here: stop this chain
                     continue
+                last[k] = logits[rows[k]]
                 drafted[k].append(token)
                 if q is not None:
                     qs[k].append(q)
@@ -66,12 +80,14 @@ class ChainProposer:
                 [group[k].draft_len + len(drafted[k]) - 1 for k in live],
             )
             logits = self.draft.forward_logits([group[k].draft_slot for k in live], flat)[:, 0]
+            rows = {k: r for r, k in enumerate(live)}
 
         for k, i in enumerate(active):
             s = group[k]
-            tokens = [s.tokens[-1]] + drafted[k]
             if not drafted[k]:
                 continue  # stopped before the first token: the root alone
+            tokens = [s.tokens[-1]] + drafted[k]
+            self.last_logits[i] = last[k]
             if s.sampling.greedy:
                 trees[i] = DraftTree(torch.tensor(tokens), chain_parents(len(tokens)), ChildRule.POINT_MASS)
             else:
@@ -88,7 +104,7 @@ class ChainProposer:
         for i, s in enumerate(seqs):
             if not s.sampling.greedy:
                 q = warp_probs(logits[i], s.sampling)
-                out[i] = (int(sample(q, s.generator(q.device))), q)
+                out[i] = (int(sample(q, s.generator(q.device, "draft"))), q)
         return out
 
     def commit(self, seq: DraftSequence, tree: DraftTree, num_accepted: int) -> None:

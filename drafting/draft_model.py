@@ -36,17 +36,18 @@ class DraftModel:
         self.passes.append(int(flat.num_nodes.sum()))
         return self.logits(self.runner.forward(slots, flat))
 
-    def catch_up(self, seqs: Seq[DraftSequence]) -> torch.Tensor:
-        """Feed every committed token the draft has not seen; logits of the next token [B, vocab].
+    def catch_up(self, seqs: Seq[DraftSequence], then: Seq[list[int]] | None = None) -> torch.Tensor:
+        """Feed every committed token the draft has not seen, then the (uncommitted) tokens ``then[i]``;
+        logits of the token after the last one fed [B, vocab].
 
         At least the root is fed (its logits are the first proposal), even if a failed earlier
-        attempt already wrote its row. Afterwards ``draft_len == len(tokens)``.
+        attempt already wrote its row. Afterwards ``draft_len == len(tokens)``; the rows of ``then``
+        follow it, exactly as if those tokens had been drafted one by one.
         """
         starts = [min(s.draft_len, len(s.tokens) - 1) for s in seqs]
-        self.passes.append(sum(len(s.tokens) - a for s, a in zip(seqs, starts)))
-        hidden = self.runner.extend(
-            [s.draft_slot for s in seqs], starts, [s.tokens[a:] for s, a in zip(seqs, starts)], self.chunk
-        )
+        chains = [s.tokens[a:] + (list(then[i]) if then else []) for i, (s, a) in enumerate(zip(seqs, starts))]
+        self.passes.append(sum(len(c) for c in chains))
+        hidden = self.runner.extend([s.draft_slot for s in seqs], starts, chains, self.chunk)
         for s in seqs:
             s.draft_len = len(s.tokens)
         return self.logits(hidden)

@@ -132,7 +132,7 @@ class TreeProposer:
         if b.greedy:
             tokens, logq = top_children(logits, k)
         else:
-            tokens, logq, q = sampled_children(logits, k, b.seq.sampling, b.seq.generator(logits.device))
+            tokens, logq, q = sampled_children(logits, k, b.seq.sampling, b.seq.generator(logits.device, "draft"))
             b.probs[u] = q
         parent = b.nodes[u]
         for r, (tok, lq) in enumerate(zip(tokens, logq)):

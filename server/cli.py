@@ -41,6 +41,10 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
         "--adaptive", default="cost", choices=["none", "heuristic", "confidence", "cost"],
         help="draft-length policy (default cost: the gamma that maximises measured tokens/s, 0 when speculation does not pay)",
     )
+    g.add_argument(
+        "--overlap", default="none", choices=["none", "pearl", "branch"],
+        help="draft while the target verifies: pearl = the continuation, branch = also alternatives to the last draft token",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -125,6 +129,7 @@ def build_engine(args):
         max_waiting=getattr(args, "max_queue", EngineConfig.max_waiting),  # `hedgerow serve --max-queue`
         spec=spec_from_args(args),
         adaptive=args.adaptive,
+        overlap=args.overlap,
     )
     t = ModelRunner(pair.target, num_slots=slots, max_len=args.max_model_len, name="target")
     d = ModelRunner(pair.draft, num_slots=slots, max_len=args.max_model_len, name="draft") if pair.draft else None

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import torch
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from drafting.branch import Brancher, match
 from drafting.chain import ChainProposer
 from drafting.draft_model import DraftModel
 from drafting.policy import POLICIES, CostPolicy, make_policy
@@ -28,6 +31,7 @@ from verify.flatten import flatten
 from verify.tree import DraftTree
 
 log = logging.getLogger("hedgerow.engine")
+OVERLAPS = ("none", "pearl", "branch")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class EngineConfig:
     prefill_chunk: int = 512  # prompt tokens per sequence per prefill pass
     spec: SpecParams = SpecParams()  # default speculation settings of requests that give none
     adaptive: str = "cost"  # draft-length policy: none | heuristic | confidence | cost (drafting/policy.py)
+    overlap: str = "none"  # none | pearl | branch: draft hedge branches while the target verifies
+    branch_alternatives: int = 2  # alternatives to the last draft token, for overlap=branch
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_batch_size", "prefill_chunk"):
@@ -45,6 +51,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.adaptive not in POLICIES:
             raise ValueError(f"adaptive must be one of {', '.join(POLICIES)}, got {self.adaptive!r}")
+        if self.overlap not in OVERLAPS:
+            raise ValueError(f"overlap must be one of {', '.join(OVERLAPS)}, got {self.overlap!r}")
 
 
 @dataclass
@@ -55,6 +63,8 @@ class StepOutput:
     sequence: Sequence
     draft_tokens: int = 0  # draft tokens this step sent to verification
     accepted_tokens: int = 0  # of which accepted and kept (the first ``accepted_tokens`` positions)
+    branches: int = 0  # hedge branches drafted during this step's verification
+    branch_hit: bool = False  # one of them came true: it is the next step's draft
     error: str | None = None
 
 
@@ -88,6 +98,11 @@ class Engine:
         self.drafter = DraftModel(draft, target.vocab_size, config.prefill_chunk) if draft else None
         self.chain = ChainProposer(self.drafter, self.policy.stop_drafting) if draft else None
         self.tree = TreeProposer(self.drafter) if draft else None
+        self.brancher = None
+        if draft is not None and config.overlap != "none":
+            self.brancher = Brancher(self.drafter, config.branch_alternatives if config.overlap == "branch" else 0)
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hedgerow-target")
+            self._target_stream = torch.cuda.Stream(target.device) if target.device.type == "cuda" else None
         self.times = StepTimes()
         self.last_step_phases: dict[str, float] = {}
         if isinstance(self.policy, CostPolicy) and draft is not None:
@@ -176,16 +191,42 @@ class Engine:
         phases["draft"] = time.perf_counter() - t
         t = time.perf_counter()
         flat = flatten(trees, [s.target_len for s in batch])
-        logits = self.target.logits(self.target.forward([s.target_slot for s in batch], flat))
-        results = accept(trees, logits, [s.sampling for s in batch], [s.generator(self.target.device) for s in batch])
+        if self.brancher is None:
+            results = self._verify(batch, trees, flat)
+            hedges = None
+        else:  # the target verifies in its worker while the draft hedges here
+            future = self._worker.submit(self._verify, batch, trees, flat)
+            hedges = self._hedge(batch, trees)
+            results = future.result()
         phases["verify"] = time.perf_counter() - t
         t = time.perf_counter()
-        outputs = self._commit(batch, trees, results)
+        outputs = self._commit(batch, trees, results, hedges)
         phases["commit"] = time.perf_counter() - t
         self.policy.observe_step(
             int(flat.num_nodes.sum()), phases["verify"], self.drafter.passes if self.drafter else [], phases["draft"]
         )
         return outputs
+
+    def _verify(self, batch: list[Sequence], trees: list[DraftTree], flat) -> list[Acceptance]:
+        """One target pass over every tree, then acceptance."""
+        stream = getattr(self, "_target_stream", None)
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            logits = self.target.logits(self.target.forward([s.target_slot for s in batch], flat))
+            return accept(trees, logits, [s.sampling for s in batch], [s.generator(self.target.device) for s in batch])
+
+    def _hedge(self, batch: list[Sequence], trees: list[DraftTree]) -> list[list]:
+        hedges: list[list] = [[] for _ in batch]
+        idx = [i for i, s in enumerate(batch) if s.spec.mode is SpecMode.CHAIN and trees[i].num_draft_tokens]
+        if idx:
+            found = self.brancher.hedge(
+                [batch[i] for i in idx],
+                [trees[i] for i in idx],
+                [self.chain.last_logits[i] for i in idx],
+                [batch[i].spec.draft_tokens for i in idx],
+            )
+            for i, h in zip(idx, found):
+                hedges[i] = h
+        return hedges
 
     def _fail(self, seq: Sequence, exc: Exception) -> StepOutput:
         self.scheduler.finish(seq, FinishReason.ERROR)
@@ -208,6 +249,15 @@ class Engine:
         rows = self.config.max_model_len - len(seq.tokens) - 1
         return max(0, min(depth, rows)), max(0, rows)
 
+    @staticmethod
+    def _take_ready(seq: Sequence, limit: int):
+        """The hedge branch that came true last step, cut to what this step may verify."""
+        hedge, seq.ready_hedge = seq.ready_hedge, None
+        if hedge is None or limit < 1:
+            return None
+        hedge.tail, hedge.probs = hedge.tail[:limit], hedge.probs[:limit]
+        return hedge
+
     def _tree_shape(self, seq: Sequence, budget: int) -> TreeShape:
         spec = seq.spec
         depth = min(spec.tree_depth, self._limits(seq)[0], budget)
@@ -225,7 +275,13 @@ class Engine:
             if mode is SpecMode.CHAIN:
                 limits = [min(*self._limits(s)) for s in group]
                 sizes = self.policy.plan(group, [s.spec.draft_tokens for s in group], limits)
-                proposed = self.chain.propose(group, sizes)
+                ready = [self._take_ready(s, lim) for s, lim in zip(group, limits)]
+                sizes = [max(n, len(r.tail)) if r else n for n, r in zip(sizes, ready)]
+                proposed = self.chain.propose(group, sizes, ready)
+                last_logits = [None] * len(batch)
+                for i, lg in zip(idx, self.chain.last_logits):
+                    last_logits[i] = lg
+                self.chain.last_logits = last_logits
             else:
                 limits = [self._limits(s)[1] for s in group]
                 sizes = self.policy.plan(group, [s.spec.tree_budget for s in group], limits)
@@ -234,9 +290,11 @@ class Engine:
                 trees[i] = tree
         return trees
 
-    def _commit(self, batch: list[Sequence], trees: list[DraftTree], results: list[Acceptance]) -> list[StepOutput]:
+    def _commit(
+        self, batch: list[Sequence], trees: list[DraftTree], results: list[Acceptance], hedges: list[list] | None = None
+    ) -> list[StepOutput]:
         outputs, keep_slots, keep_rows, keep_dst = [], [], [], []
-        for seq, tree, res in zip(batch, trees, results):
+        for n, (seq, tree, res) in enumerate(zip(batch, trees, results)):
             start = seq.target_len
             kept, reason = [], None
             for tok in res.tokens:
@@ -249,6 +307,15 @@ class Engine:
             seq.stats.verify_steps += 1
             seq.stats.draft_tokens += tree.num_draft_tokens
             seq.stats.accepted_tokens += accepted
+            seq.stats.rollback_tokens += tree.num_draft_tokens - res.num_accepted
+            hit = None
+            branches = hedges[n] if hedges else []
+            if branches and reason is None:
+                hit = match(branches, res.num_accepted, seq.tokens[-1])
+                seq.ready_hedge = hit
+            seq.stats.branches += len(branches)
+            seq.stats.branch_hits += hit is not None
+            seq.stats.rollback_tokens += sum(len(h.tail) for h in branches if h is not hit)
             seq.stats.emitted_per_step[len(kept)] += 1
             if tree.num_draft_tokens:
                 self.policy.observe(seq, int(tree.depths().max()), res.num_accepted)
@@ -261,7 +328,9 @@ class Engine:
                 seq.target_len = start + len(res.path)
                 if seq.spec.mode is SpecMode.CHAIN:
                     self.chain.commit(seq, tree, res.num_accepted)
-            outputs.append(StepOutput(seq.request_id, kept, reason, seq, tree.num_draft_tokens, accepted))
+            outputs.append(
+                StepOutput(seq.request_id, kept, reason, seq, tree.num_draft_tokens, accepted, len(branches), hit is not None)
+            )
         self.target.cache.compact(keep_slots, keep_rows, keep_dst)
         return outputs
 

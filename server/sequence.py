@@ -70,6 +70,9 @@ class SeqStats:
     draft_tokens: int = 0  # draft tokens sent to verification
     accepted_tokens: int = 0  # draft tokens accepted and kept (never past EOS or the length limit)
     emitted_per_step: Counter = field(default_factory=Counter)  # tokens kept per verify step, bonus included
+    rollback_tokens: int = 0  # drafted tokens thrown away: rejected drafts and hedge branches that missed
+    branches: int = 0  # hedge branches drafted while the target verified
+    branch_hits: int = 0  # of which came true
 
     @property
     def acceptance_rate(self) -> float:
@@ -88,6 +91,9 @@ class SeqStats:
             "acceptance_rate": round(self.acceptance_rate, 4),
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "acceptance_length_histogram": {str(k): v for k, v in sorted(self.emitted_per_step.items())},
+            "rollback_tokens": self.rollback_tokens,
+            "branches": self.branches,
+            "branch_hits": self.branch_hits,
         }
 
 
@@ -104,8 +110,9 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.stats = SeqStats()
         self.policy_state: dict = {}  # the draft-length policy's per-sequence memory
+        self.ready_hedge = None  # a hedge branch that came true: the next step's draft (overlap modes)
         self.seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[tuple[str, torch.device], torch.Generator] = {}
 
     @property
     def request_id(self) -> str:
@@ -127,9 +134,12 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """This sequence's own random stream on ``device``: its draws never depend on the batch."""
-        if device not in self._generators:
-            salt = len(self._generators)
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + 7919 * salt)
-        return self._generators[device]
+    def generator(self, device: torch.device, stream: str = "target") -> torch.Generator:
+        """This sequence's own random stream (``draft`` or ``target``) on ``device``: its draws never
+        depend on the batch, and the draft and the target (which may run in different threads)
+        never share one."""
+        key = (stream, torch.device(device))
+        if key not in self._generators:
+            salt = {"target": 0, "draft": 1}[stream]
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed + 7919 * salt)
+        return self._generators[key]

@@ -1,19 +1,16 @@
 """Token trees: one tree pass equals per-path recomputation; greedy trees equal the target alone;
 sampled trees (and chains) draw from the target's distribution, end to end through the engine."""
 
-import itertools
-import math
-
 import pytest
 import torch
 
 from drafting.tree import static_shape
 from server.runner import ModelRunner
 from server.sequence import SpecMode, SpecParams
-from tests.tiny import hf_greedy, make_engine, request, tiny_model
+from tests.tiny import chi_square_check, exact_joint, hf_greedy, make_engine, perturbed_copy, request, tiny_model
 from verify import attention
 from verify.flatten import flatten
-from verify.sampling import SamplingParams, warp_probs
+from verify.sampling import SamplingParams
 from verify.tree import DraftTree
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
@@ -93,20 +90,6 @@ def test_static_shape_is_closed_under_ancestors_and_lower_siblings():
 
 
 # --- sampling, end to end -------------------------------------------------------------------------
-SAMPLING = SamplingParams(temperature=0.8, top_k=3)
-
-
-def _exact_joint(target, prompt):
-    """The target's own distribution of the first two generated tokens."""
-    out = {}
-    p1 = warp_probs(torch.tensor(_path_logits(target, prompt).tolist()), SAMPLING)
-    for x1 in torch.nonzero(p1).flatten().tolist():
-        p2 = warp_probs(_path_logits(target, prompt + [x1]), SAMPLING)
-        for x2 in torch.nonzero(p2).flatten().tolist():
-            out[(x1, x2)] = float(p1[x1] * p2[x2])
-    return out
-
-
 @pytest.mark.parametrize(
     "mode,spec",
     [
@@ -119,30 +102,15 @@ def test_sampled_speculation_draws_from_the_target_distribution(mode, spec):
     """600 seeded requests; chi-square of the first two tokens against the exact joint. The draft
     is a perturbed copy of the target, so acceptance and rejection both happen often."""
     target = tiny_model("llama", seed=0)
-    draft = tiny_model("llama", seed=0)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(5)
-        for w in draft.parameters():
-            w.add_(torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.005)
+    draft = perturbed_copy(target)
+    sampling = SamplingParams(temperature=0.8, top_k=3)
     prompt = [5, 6, 7]
-    want = _exact_joint(target, prompt)
     engine = make_engine(target, draft, slots=16)
-    n = 600
     out = engine.generate(
         request(str(s), prompt, 2, sampling=SamplingParams(temperature=0.8, top_k=3, seed=s), spec=spec, ignore_eos=True)
-        for s in range(n)
+        for s in range(600)
     )
-    counts = {}
-    for seq in out.values():
-        key = tuple(seq.generated)
-        assert key in want, f"{mode}: drew {key}, which has probability 0 under the target"
-        counts[key] = counts.get(key, 0) + 1
-    chi2 = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in want.items())
-    dof = len(want) - 1
-    # chi-square upper tail at p = 0.001 via the Wilson-Hilferty approximation
-    z = 3.09
-    limit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
-    assert chi2 < limit, f"{mode}: chi2 {chi2:.1f} over {dof} dof exceeds {limit:.1f}"
+    chi_square_check([tuple(s.generated) for s in out.values()], exact_joint(target, prompt, sampling, 2), mode)
     accepted = sum(s.stats.accepted_tokens for s in out.values())
     drafted = sum(s.stats.draft_tokens for s in out.values())
     assert 0.05 * drafted < accepted < 0.95 * drafted, f"{mode}: acceptance {accepted}/{drafted} tests too little"

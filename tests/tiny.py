@@ -53,3 +53,54 @@ def make_engine(target, draft=None, *, mode=SpecMode.CHAIN, gamma=4, slots=8, ma
 
 def request(rid, prompt, n=24, sampling=SamplingParams(), spec=None, **kw) -> Request:
     return Request(rid, tuple(prompt), sampling, n, spec, **kw)
+
+
+def perturbed_copy(model, scale: float = 0.005, seed: int = 5):
+    """A draft close to the target: acceptance and rejection both happen often."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for w in draft.parameters():
+            w.add_(torch.randn(w.shape, generator=g, dtype=w.dtype) * scale)
+    return draft
+
+
+def last_logits(model, tokens: list[int]) -> torch.Tensor:
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([tokens])).logits[0, -1].float()
+    finally:
+        model.set_attn_implementation(attention.REFERENCE)
+
+
+def exact_joint(model, prompt: list[int], sampling: SamplingParams, length: int) -> dict:
+    """The target's own distribution of its first ``length`` sampled tokens (enumerated)."""
+    from verify.sampling import warp_probs
+
+    out = {(): 1.0}
+    for _ in range(length):
+        nxt = {}
+        for prefix, pr in out.items():
+            p = warp_probs(last_logits(model, prompt + list(prefix)), sampling)
+            for x in torch.nonzero(p).flatten().tolist():
+                nxt[prefix + (x,)] = pr * float(p[x])
+        out = nxt
+    return out
+
+
+def chi_square_check(samples: list[tuple], want: dict, label: str) -> None:
+    """Pearson chi-square against the exact distribution; fails at the 0.001 level."""
+    import math
+
+    n = len(samples)
+    counts: dict = {}
+    for key in samples:
+        assert key in want, f"{label}: drew {key}, which has probability 0 under the target"
+        counts[key] = counts.get(key, 0) + 1
+    chi2 = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in want.items())
+    dof = len(want) - 1
+    limit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3  # Wilson-Hilferty, p = 0.001
+    assert chi2 < limit, f"{label}: chi2 {chi2:.1f} over {dof} dof exceeds {limit:.1f}"

@@ -1,0 +1,64 @@
+"""Overlap modes (pearl, branch): hedge branches drafted during verification stay lossless."""
+
+import pytest
+
+from server.sequence import SpecMode, SpecParams
+from tests.tiny import (chi_square_check, exact_joint, hf_greedy, make_engine, perturbed_copy, request,
+                        tiny_model)
+from verify.sampling import SamplingParams
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request):
+    target = tiny_model(request.param, seed=0)
+    return target, perturbed_copy(target, scale=0.02)
+
+
+@pytest.mark.parametrize("overlap", ["pearl", "branch"])
+def test_greedy_output_equals_the_target_batch_4_and_1(pair, overlap):
+    target, draft = pair
+    refs = [hf_greedy(target, p, 30) for p in PROMPTS]
+    out = make_engine(target, draft, overlap=overlap, gamma=3).generate(
+        request(str(i), p, 30) for i, p in enumerate(PROMPTS)
+    )
+    assert [out[str(i)].generated for i in range(len(PROMPTS))] == refs
+    solo = make_engine(target, draft, overlap=overlap, gamma=3, slots=1)
+    for i, p in enumerate(PROMPTS):
+        assert solo.generate([request("r", p, 30)])["r"].generated == refs[i]
+    assert sum(s.stats.branches for s in out.values()) > 0
+
+
+def test_draft_equal_to_target_hits_the_continuation_every_step(pair):
+    target, _ = pair
+    seq = make_engine(target, target, overlap="pearl", gamma=3).generate(
+        [request("r", PROMPTS[0], 40, ignore_eos=True)]
+    )["r"]
+    assert seq.stats.branch_hits == seq.stats.verify_steps - 1
+    assert seq.stats.acceptance_rate == 1.0 and seq.num_generated == 40
+
+
+def test_branch_alternatives_hit_with_a_close_draft(pair):
+    target, draft = pair
+    out = make_engine(target, draft, overlap="branch", gamma=4).generate(
+        request(str(i), p, 40, ignore_eos=True) for i, p in enumerate(PROMPTS)
+    )
+    assert sum(s.stats.branch_hits for s in out.values()) > 0
+
+
+@pytest.mark.parametrize("overlap", ["pearl", "branch"])
+def test_sampled_overlap_draws_from_the_target_distribution(overlap):
+    """Three sampled tokens per request, so tails kept after a hit are verified and counted."""
+    target = tiny_model("llama", seed=0)
+    draft = perturbed_copy(target)
+    sampling = SamplingParams(temperature=0.8, top_k=3)
+    prompt = [5, 6, 7]
+    engine = make_engine(target, draft, slots=16, overlap=overlap, gamma=2)
+    spec = SpecParams(mode=SpecMode.CHAIN, draft_tokens=2)
+    out = engine.generate(
+        request(str(s), prompt, 4, sampling=SamplingParams(temperature=0.8, top_k=3, seed=s), spec=spec, ignore_eos=True)
+        for s in range(800)
+    )
+    chi_square_check([tuple(s.generated[:3]) for s in out.values()], exact_joint(target, prompt, sampling, 3), overlap)
+    assert sum(s.stats.branch_hits for s in out.values()) > 20, "the hit path was hardly exercised"
