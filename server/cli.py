@@ -27,6 +27,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-device", default=None, help="default: the target's device")
     g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--max-model-len", type=int, default=2048, help="context per sequence, prompt included")
+    g.add_argument(
+        "--attention-backend", default="auto", choices=["auto", "reference", "cuda"],
+        help="auto = reference (SDPA) until the CUDA kernels are validated on a GPU; cuda = cuda/ kernels (experimental)",
+    )
 
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -131,8 +135,16 @@ def build_engine(args):
         adaptive=args.adaptive,
         overlap=args.overlap,
     )
-    t = ModelRunner(pair.target, num_slots=slots, max_len=args.max_model_len, name="target")
-    d = ModelRunner(pair.draft, num_slots=slots, max_len=args.max_model_len, name="draft") if pair.draft else None
+    backend = getattr(args, "attention_backend", "auto")
+    try:
+        t = ModelRunner(pair.target, num_slots=slots, max_len=args.max_model_len, name="target", backend=backend)
+        d = (
+            ModelRunner(pair.draft, num_slots=slots, max_len=args.max_model_len, name="draft", backend=backend)
+            if pair.draft
+            else None
+        )
+    except ValueError as exc:
+        raise HedgerowError(f"--attention-backend: {exc}") from None
     return Engine(t, d, eos_token_ids=eos_ids(pair.tokenizer, pair.target), config=config), pair.tokenizer
 
 

@@ -28,6 +28,10 @@ class WritePlan:
     read_slots: torch.Tensor  # [B] the slot each batch row attends over
     read_range: tuple[int, int] | None  # (first, last + 1) when read_slots is a contiguous run
     kv_len: int  # rows [0, kv_len) are read
+    raw: bool = False  # hand the attention the raw slot storage (CUDA kernels read rows in place)
+    prefix_lens: torch.Tensor | None = None  # [B] int32, with raw: fully visible rows per sequence
+    num_nodes: torch.Tensor | None = None  # [B] int32, with raw: tree nodes per sequence
+    tree_bits: torch.Tensor | None = None  # [B, N, ceil(N/32)] int32, with raw: the ancestor bitmask
 
 
 class SlotLayer(CacheLayerMixin):
@@ -48,6 +52,8 @@ class SlotLayer(CacheLayerMixin):
         # key_states: [B, Hkv, N, D] -> rows [B, N, Hkv, D] at (slot, :, row)
         self.keys[plan.write_slots, :, plan.write_rows] = key_states.transpose(1, 2).to(self.keys.dtype)
         self.values[plan.write_slots, :, plan.write_rows] = value_states.transpose(1, 2).to(self.values.dtype)
+        if plan.raw:
+            return self.keys, self.values
         if plan.read_range is not None:
             lo, hi = plan.read_range
             return self.keys[lo:hi, :, : plan.kv_len], self.values[lo:hi, :, : plan.kv_len]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from server.kv_cache import SlotKVCache, WritePlan
+from verify import attention
 from verify.flatten import FlatBatch, flatten
 from verify.tree import chain_parents
 
@@ -25,8 +26,13 @@ class _Chain:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, *, num_slots: int, max_len: int, name: str = "model"):
+    def __init__(
+        self, model: torch.nn.Module, *, num_slots: int, max_len: int, name: str = "model", backend: str = "reference"
+    ):
         self.name = name
+        self.backend = attention.resolve_backend(backend, next(model.parameters()).device)
+        attention.register()
+        model.set_attn_implementation(attention.BACKENDS[self.backend])
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -64,15 +70,24 @@ class ModelRunner:
             read_range=(slots[0], slots[0] + len(slots)) if contiguous else None,
             kv_len=flat.kv_len,
         )
+        if self.backend == "cuda" and bool(((flat.ancestors.sum(-1) == flat.depths + 1) | ~flat.valid).all()):
+            # the kernel's shape: the prefix fully visible, then the block's own tree
+            from verify.cuda_kernels import pack_tree_mask
+
+            plan.raw = True
+            plan.prefix_lens = flat.prefix_lens.to(torch.int32)
+            plan.num_nodes = flat.num_nodes.to(torch.int32)
+            plan.tree_bits = pack_tree_mask(flat.ancestors)
         self.cache.set_plan(plan)
         try:
-            out = self.decoder(
-                input_ids=flat.tokens,
-                position_ids=flat.positions,
-                attention_mask=flat.mask,
-                past_key_values=self.cache,
-                use_cache=True,
-            )
+            with attention.forward_plan(plan):
+                out = self.decoder(
+                    input_ids=flat.tokens,
+                    position_ids=flat.positions,
+                    attention_mask=flat.mask,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                )
         finally:
             self.cache.set_plan(None)
         return out.last_hidden_state

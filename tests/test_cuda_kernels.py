@@ -626,3 +626,35 @@ def test_gpu_kv_compact_matches_gather_then_scatter(dtype, d):
     torch.cuda.synchronize()
     for got, want in zip(p["k_caches"] + p["v_caches"], expect_k + expect_v):
         assert torch.equal(got, want)
+
+
+# --- the backend inside the engine -----------------------------------------------------------------
+def test_auto_backend_stays_on_reference_until_validated():
+    from verify.attention import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="CUDA device"):
+        resolve_backend("cuda", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_greedy_output_is_unchanged_with_the_cuda_backend():
+    """End to end: greedy chain and tree output with the kernels equals the reference backend's."""
+    from server.engine import Engine, EngineConfig
+    from server.runner import ModelRunner
+    from server.sequence import SpecMode, SpecParams
+    from tests.tiny import EOS, request, tiny_model
+
+    target = tiny_model("llama", seed=0, hidden=256, dtype=torch.float32).cuda()
+    draft = tiny_model("llama", seed=1, layers=1, hidden=256, dtype=torch.float32).cuda()  # head dim 64
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
+    outs = {}
+    for backend in ("reference", "cuda"):
+        runners = [ModelRunner(m, num_slots=4, max_len=128, backend=backend) for m in (target, draft)]
+        for mode in (SpecMode.CHAIN, SpecMode.TREE):
+            engine = Engine(*runners, eos_token_ids=[EOS], config=EngineConfig(
+                max_model_len=128, max_batch_size=4, adaptive="none", spec=SpecParams(mode=mode)))
+            res = engine.generate(request(str(i), p, 24) for i, p in enumerate(prompts))
+            outs[backend, mode] = [res[str(i)].generated for i in range(len(prompts))]
+    for mode in (SpecMode.CHAIN, SpecMode.TREE):
+        assert outs["cuda", mode] == outs["reference", mode]
