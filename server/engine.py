@@ -12,10 +12,10 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-
-import torch
 from dataclasses import dataclass, field
 from typing import Iterable
+
+import torch
 
 from drafting.branch import Brancher, match
 from drafting.chain import ChainProposer
@@ -99,6 +99,7 @@ class Engine:
         self.chain = ChainProposer(self.drafter, self.policy.stop_drafting) if draft else None
         self.tree = TreeProposer(self.drafter) if draft else None
         self.brancher = None
+        self._target_stream = None
         if draft is not None and config.overlap != "none":
             self.brancher = Brancher(self.drafter, config.branch_alternatives if config.overlap == "branch" else 0)
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hedgerow-target")
@@ -196,7 +197,11 @@ class Engine:
             hedges = None
         else:  # the target verifies in its worker while the draft hedges here
             future = self._worker.submit(self._verify, batch, trees, flat)
-            hedges = self._hedge(batch, trees)
+            try:
+                hedges = self._hedge(batch, trees)
+            except Exception:
+                future.exception()  # never retry while the target is still writing its cache
+                raise
             results = future.result()
         phases["verify"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -209,7 +214,7 @@ class Engine:
 
     def _verify(self, batch: list[Sequence], trees: list[DraftTree], flat) -> list[Acceptance]:
         """One target pass over every tree, then acceptance."""
-        stream = getattr(self, "_target_stream", None)
+        stream = self._target_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             logits = self.target.logits(self.target.forward([s.target_slot for s in batch], flat))
             return accept(trees, logits, [s.sampling for s in batch], [s.generator(self.target.device) for s in batch])
@@ -221,7 +226,7 @@ class Engine:
             found = self.brancher.hedge(
                 [batch[i] for i in idx],
                 [trees[i] for i in idx],
-                [self.chain.last_logits[i] for i in idx],
+                [self._chain_logits[i] for i in idx],
                 [batch[i].spec.draft_tokens for i in idx],
             )
             for i, h in zip(idx, found):
@@ -267,21 +272,20 @@ class Engine:
     def _propose(self, batch: list[Sequence]) -> list[DraftTree]:
         """Per mode: the policy sizes each sequence's draft within its limits, the proposer drafts."""
         trees = [DraftTree.root_only(s.tokens[-1]) for s in batch]
+        self._chain_logits: list = [None] * len(batch)  # draft logits of each chain's last token, for hedging
         for mode in (SpecMode.CHAIN, SpecMode.TREE):
             idx = [i for i, s in enumerate(batch) if s.spec.mode is mode]
             if not idx:
                 continue
             group = [batch[i] for i in idx]
             if mode is SpecMode.CHAIN:
-                limits = [min(*self._limits(s)) for s in group]
+                limits = [self._limits(s)[0] for s in group]
                 sizes = self.policy.plan(group, [s.spec.draft_tokens for s in group], limits)
                 ready = [self._take_ready(s, lim) for s, lim in zip(group, limits)]
                 sizes = [max(n, len(r.tail)) if r else n for n, r in zip(sizes, ready)]
                 proposed = self.chain.propose(group, sizes, ready)
-                last_logits = [None] * len(batch)
                 for i, lg in zip(idx, self.chain.last_logits):
-                    last_logits[i] = lg
-                self.chain.last_logits = last_logits
+                    self._chain_logits[i] = lg
             else:
                 limits = [self._limits(s)[1] for s in group]
                 sizes = self.policy.plan(group, [s.spec.tree_budget for s in group], limits)
