@@ -7,8 +7,8 @@ import torch
 from drafting.tree import static_shape
 from server.runner import ModelRunner
 from server.sequence import SpecMode, SpecParams
-from tests.tiny import chi_square_check, exact_joint, hf_greedy, make_engine, perturbed_copy, request, tiny_model
-from verify import attention
+from tests.tiny import (chi_square_check, exact_joint, hf_greedy, last_logits, make_engine, perturbed_copy, request,
+                        tiny_model)
 from verify.flatten import flatten
 from verify.sampling import SamplingParams
 from verify.tree import DraftTree
@@ -26,15 +26,6 @@ def arch(request):
 @pytest.fixture(scope="module")
 def pair(arch):
     return tiny_model(arch, seed=0), tiny_model(arch, seed=1, layers=1, hidden=32)
-
-
-def _path_logits(model, tokens):
-    model.set_attn_implementation("sdpa")
-    try:
-        with torch.no_grad():
-            return model(torch.tensor([tokens])).logits[0, -1].float()
-    finally:
-        model.set_attn_implementation(attention.REFERENCE)
 
 
 def test_tree_pass_equals_each_root_to_node_path(arch):
@@ -55,7 +46,7 @@ def test_tree_pass_equals_each_root_to_node_path(arch):
             path = [i]
             while parents[path[-1]] >= 0:
                 path.append(parents[path[-1]])
-            want = _path_logits(target, p[:-1] + [tokens[j] for j in reversed(path)])
+            want = last_logits(target, p[:-1] + [tokens[j] for j in reversed(path)])
             err = (logits[b, i] - want).abs().max().item()
             assert err < 1e-4, f"sequence {b} node {i}: max abs diff {err}"
 
