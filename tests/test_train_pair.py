@@ -1,0 +1,161 @@
+"""Tests for server.train_pair (tiny end-to-end run) and the shipped embedded pair."""
+
+from __future__ import annotations
+
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from server import train_pair
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CORPUS_FILES = ["keyword.py", "bisect.py", "colorsys.py", "heapq.py", "fnmatch.py", "textwrap.py"]
+
+
+def _tiny_corpus(root: Path) -> Path:
+    corpus = root / "corpus"
+    (corpus / "pkg").mkdir(parents=True)
+    for name in CORPUS_FILES:
+        src = STDLIB / name
+        (corpus / "pkg" / name).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    # Must be excluded from the corpus.
+    for bad in ("test", "tests", "site-packages", "idlelib/idle_test"):
+        (corpus / bad).mkdir(parents=True, exist_ok=True)
+        (corpus / bad / "test_x.py").write_text("EXCLUDED_MARKER = 1\n", encoding="utf-8")
+    return corpus
+
+
+def _args(tmp: Path, corpus: Path, *extra: str):
+    parser = train_pair.build_parser()
+    return parser.parse_args([
+        "--work-dir", str(tmp / "work"), "--out-dir", str(tmp / "out"), "--stdlib", str(corpus),
+        "--vocab-size", "320", "--seq-len", "32", "--heldout-percent", "20",
+        "--target-hidden", "32", "--target-layers", "2", "--target-heads", "2", "--target-kv-heads", "1",
+        "--target-intermediate", "64", "--target-batch", "2", "--target-steps", "4",
+        "--draft-hidden", "16", "--draft-layers", "1", "--draft-heads", "2", "--draft-kv-heads", "1",
+        "--draft-intermediate", "32", "--draft-batch", "2", "--draft-steps", "3",
+        "--warmup-steps", "2", "--threads", "1", "--no-progress", "--no-eval", *extra,
+    ])
+
+
+def test_corpus_excludes_tests_and_split_is_deterministic(tmp_path):
+    corpus = _tiny_corpus(tmp_path)
+    train, held, stats = train_pair.collect_corpus(corpus, heldout_percent=20.0)
+    names = [k for k, _ in train + held]
+    assert len(names) == len(CORPUS_FILES)
+    assert not any("EXCLUDED_MARKER" in t for _, t in train + held)
+    train2, held2, _ = train_pair.collect_corpus(corpus, heldout_percent=20.0)
+    assert [k for k, _ in held] == [k for k, _ in held2] and held
+    assert stats["files_train"] + stats["files_heldout"] == len(CORPUS_FILES)
+
+
+def test_train_pair_end_to_end_with_resume(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    corpus = _tiny_corpus(tmp_path)
+
+    # Interrupted run: stops (after checkpointing) 2 steps into the target stage.
+    with pytest.raises(SystemExit) as exc:
+        train_pair.run(_args(tmp_path, corpus, "--stop-after-steps", "2"))
+    assert exc.value.code == 3
+    ck = torch.load(tmp_path / "work" / "target.ckpt.pt", weights_only=False)
+    assert ck["state"]["step"] == 2 and not ck["state"]["done"]
+    assert "optim" in ck and ck["optim"]["state"]
+
+    # Rerun resumes from the checkpoint and completes both stages.
+    assert train_pair.run(_args(tmp_path, corpus)) == 0
+    log = (tmp_path / "work" / "train_pair.log").read_text()
+    assert "[target] resumed from" in log and "at step 2" in log
+    t_ck = torch.load(tmp_path / "work" / "target.ckpt.pt", weights_only=False)["state"]
+    d_ck = torch.load(tmp_path / "work" / "draft.ckpt.pt", weights_only=False)["state"]
+    assert t_ck["done"] and t_ck["step"] == 4
+    assert d_ck["done"] and d_ck["step"] == 3
+    assert all(math.isfinite(loss) for _, loss, _ in d_ck["losses"])
+
+    out = tmp_path / "out"
+    for name in ("target", "draft"):
+        d = out / name
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            assert (d / f).exists(), f"{name}/{f} missing"
+        assert json.loads((d / "config.json").read_text())["model_type"] == "llama"
+    assert (out / "target" / "tokenizer.json").read_bytes() == (out / "draft" / "tokenizer.json").read_bytes()
+
+    tok = AutoTokenizer.from_pretrained(out / "target")
+    assert tok.eos_token == tok.bos_token == "<|endoftext|>"
+    ids = tok("def f(x):\n    return x + 1\n", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert tok.decode(ids[0]) == "def f(x):\n    return x + 1\n"
+    for name in ("target", "draft"):
+        m = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32)
+        assert m.config.vocab_size == len(tok)
+        with torch.no_grad():
+            logits = m(input_ids=ids).logits
+        assert logits.shape == (1, ids.shape[1], len(tok))
+        assert torch.isfinite(logits).all()
+
+    # A third run finds both stages done and only re-exports.
+    assert train_pair.run(_args(tmp_path, corpus)) == 0
+
+
+def test_speculation_simulation_self_draft_accepts_everything(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = train_pair.llama_config(64, 32, 1, 2, 1, 64, eos_id=0, max_pos=128)
+    model = LlamaForCausalLM(cfg).eval()
+    prompt = [5, 9, 13, 2, 7]
+    with torch.no_grad():
+        gen = train_pair.greedy_continue(model, prompt, 11)
+        r = train_pair.simulate_chain_speculation(model, prompt, gen, gamma=4)
+    # 11 tokens at gamma=4: (4 drafted + bonus) x 2, then 1 drafted -> 3 verify steps
+    assert r["accepted"] == r["drafted"] == 9
+    assert r["emitted"] == 11 and r["verify_steps"] == 3
+
+
+# ---------------------------------------------------------------- shipped pair
+
+EMBEDDED = Path(train_pair.__file__).resolve().parent / "embedded"
+shipped = pytest.mark.skipif(not (EMBEDDED / "target" / "model.safetensors").exists()
+                             or not (EMBEDDED / "draft" / "model.safetensors").exists(),
+                             reason="embedded pair not trained yet")
+
+
+@shipped
+def test_shipped_pair_loads_offline_and_shares_tokenizer(monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.embedded import default_pair
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    target_dir, draft_dir = default_pair()
+    assert Path(target_dir).is_absolute() and Path(target_dir) == EMBEDDED / "target"
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(target_dir) / f).exists() or (Path(draft_dir) / f).exists():
+            assert (Path(target_dir) / f).read_bytes() == (Path(draft_dir) / f).read_bytes(), f
+    size = sum(f.stat().st_size for d in (target_dir, draft_dir) for f in Path(d).iterdir() if f.is_file())
+    assert size <= 25_000_000
+
+    tok_t = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
+    tok_d = AutoTokenizer.from_pretrained(draft_dir, local_files_only=True)
+    assert tok_t.get_vocab() == tok_d.get_vocab()
+    assert tok_t.eos_token == "<|endoftext|>"
+
+    target = AutoModelForCausalLM.from_pretrained(target_dir, local_files_only=True, dtype=torch.float32)
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, local_files_only=True, dtype=torch.float32)
+    assert target.config.model_type == draft.config.model_type == "llama"
+    assert target.config.vocab_size == draft.config.vocab_size == len(tok_t)
+    assert target.config.eos_token_id == draft.config.eos_token_id == tok_t.eos_token_id
+    tc, dc = train_pair.cost_per_token(target), train_pair.cost_per_token(draft)
+    assert dc["flops_per_token"] * 8 <= tc["flops_per_token"]
+
+    ids = tok_t("import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n",
+                add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        lt = target(input_ids=ids).logits
+        ld = draft(input_ids=ids).logits
+    assert lt.shape == ld.shape == (1, ids.shape[1], len(tok_t))
+    assert torch.isfinite(lt).all() and torch.isfinite(ld).all()
