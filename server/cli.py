@@ -1,4 +1,4 @@
-"""``hedgerow`` command line: generate, serve, train-pair, bench.
+"""``hedgerow`` command line: generate, serve, proxy, train-pair, bench.
 
 Every user error ends with one line ``hedgerow: error: ...`` and exit status 2, never a traceback.
 """
@@ -27,6 +27,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-device", default=None, help="default: the target's device")
     g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--max-model-len", type=int, default=2048, help="context per sequence, prompt included")
+    g.add_argument(
+        "--cpu-threads", type=int, default=None,
+        help="torch threads for CPU inference (default: torch's, one per core); on a shared machine fewer "
+        "threads avoid OpenMP oversubscription",
+    )
     g.add_argument(
         "--attention-backend", default="auto", choices=["auto", "reference", "cuda"],
         help="auto = reference (SDPA) until the CUDA kernels are validated on a GPU; cuda = cuda/ kernels (experimental)",
@@ -73,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats) instead")
     gen.set_defaults(func=cmd_generate)
 
-    for name, module in (("serve", "server.serve"), ("train-pair", "server.train_pair"), ("bench", "bench.cli")):
+    for name, module in (
+        ("serve", "server.serve"),
+        ("proxy", "server.proxy"),
+        ("train-pair", "server.train_pair"),
+        ("bench", "bench.cli"),
+    ):
         _add_lazy(sub, name, module)
     return parser
 
@@ -124,6 +134,13 @@ def build_engine(args):
             raise HedgerowError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.tree_topk < 1:
         raise HedgerowError(f"--tree-topk must be >= 1, got {args.tree_topk}")
+    threads = getattr(args, "cpu_threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise HedgerowError(f"--cpu-threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     target, draft = resolve_models(args)
     pair = load_pair(target, draft, target_device=args.target_device, draft_device=args.draft_device, dtype=args.dtype)
     slots = getattr(args, "max_batch_size", 1)

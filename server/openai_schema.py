@@ -1,0 +1,265 @@
+"""OpenAI request bodies the proxy (``server.proxy``) accepts, and what it refuses.
+
+Parsing is pydantic's (types); the checks here are the proxy's (values and support). Every refusal
+is an ``ApiError`` naming the OpenAI parameter, which the proxy returns as OpenAI's error JSON:
+``{"error": {"message", "type", "param", "code"}}``.
+
+Unsupported options are refused, never silently ignored: ``n`` > 1, ``best_of`` > 1, ``echo``,
+``suffix``, ``logprobs``, ``top_logprobs``, ``logit_bias``, non-zero ``presence_penalty`` /
+``frequency_penalty``, tools and functions, a ``response_format`` other than text, non-text
+message parts. An unknown parameter is refused too, as OpenAI does (a typo must not pass unseen).
+
+Extensions (through the SDK's ``extra_body``): ``top_k``, ``ignore_eos``, and
+``hedgerow: {"speculation": {"mode": "off"|"chain"|"tree", "max_draft_tokens": G, "tree_budget": B}}``
+(absent fields keep the server's defaults; speculation only ever changes speed, never the output).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+SPEC_MODES = ("off", "chain", "tree")
+
+
+class ApiError(Exception):
+    """An error the client sees as OpenAI's error JSON with HTTP ``status``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str, code: str | None = None) -> ApiError:
+    """400 naming ``param``; the message starts with it."""
+    return ApiError(400, f"{param} {message}", param=param, code=code)
+
+
+def unsupported(param: str, message: str) -> ApiError:
+    """400 for an option Hedgerow does not implement; the message starts with ``param``."""
+    return ApiError(400, message, param=param, code="unsupported_parameter")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SpeculationOptions(_Body):
+    mode: str | None = None
+    max_draft_tokens: int | None = None
+    tree_budget: int | None = None
+
+
+class HedgerowOptions(_Body):
+    speculation: SpeculationOptions | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Generation(_Body):
+    """Parameters completions and chat share."""
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Any = None  # str | list[str]
+    max_tokens: int | None = None
+    user: str | None = None  # an end-user id for the caller's own bookkeeping; no effect
+    # extensions
+    top_k: int | None = None
+    ignore_eos: bool = False
+    hedgerow: HedgerowOptions | None = None
+    # refused unless left at their defaults
+    n: int | None = None
+    logprobs: Any = None
+    logit_bias: Any = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def check(self) -> None:
+        """Raise ApiError for the first value Hedgerow refuses."""
+        if self.n not in (None, 1):
+            raise unsupported("n", f"n = {self.n} is not supported: Hedgerow returns one choice per request")
+        if self.logit_bias:
+            raise unsupported("logit_bias", "logit_bias is not supported by Hedgerow")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise unsupported(name, f"{name} must be 0: Hedgerow applies no penalties")
+        if self.stream_options is not None and not self.stream:
+            raise bad("stream_options", "is only allowed when stream is true")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise bad("temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise bad("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad("seed", f"must be in [0, 2^63), got {self.seed}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        self.stops()
+        spec = self.hedgerow.speculation if self.hedgerow else None
+        if spec is not None:
+            if spec.mode is not None and spec.mode not in SPEC_MODES:
+                raise bad("hedgerow.speculation.mode", f"must be one of {', '.join(SPEC_MODES)}, got {spec.mode!r}")
+            for name in ("max_draft_tokens", "tree_budget"):
+                if (value := getattr(spec, name)) is not None and value < 0:
+                    raise bad(f"hedgerow.speculation.{name}", f"must be >= 0, got {value}")
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise bad("stop", "must be a string or a list of strings")
+        for i, s in enumerate(stops):
+            if not s:
+                raise bad("stop" if isinstance(self.stop, str) else f"stop[{i}]", "is empty")
+        return stops
+
+    def new_tokens(self) -> int | None:
+        """The completion length asked for; None: the server's default."""
+        return self.max_tokens
+
+
+class CompletionRequest(_Generation):
+    """``POST /v1/completions``: ``prompt`` is one string or one list of token ids (a list holding
+    exactly one of them is accepted too)."""
+
+    prompt: Any = None
+    best_of: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.best_of not in (None, 1):
+            raise unsupported("best_of",
+                              f"best_of = {self.best_of} is not supported: Hedgerow returns one choice per request")
+        if self.echo:
+            raise unsupported("echo", "echo is not supported by Hedgerow")
+        if self.suffix:
+            raise unsupported("suffix", "suffix (insertion) is not supported by Hedgerow")
+        if self.logprobs is not None:
+            raise unsupported("logprobs", "logprobs is not supported by Hedgerow")
+        self.prompt_input()
+
+    def prompt_input(self) -> str | list[int]:
+        """The prompt as text or token ids."""
+        p = self.prompt
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]  # a batch of one
+        elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+            raise unsupported("prompt", f"prompt is a batch of {len(p)} prompts: Hedgerow takes one prompt per request")
+        if p is None:
+            raise bad("prompt", "is missing")
+        if isinstance(p, str):
+            if not p:
+                raise bad("prompt", "is empty")
+            return p
+        if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if not p:
+                raise bad("prompt", "is empty")
+            if any(t < 0 for t in p):
+                raise bad("prompt", "has a negative token id")
+            return p
+        raise bad("prompt", "must be a string or a list of token ids")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    # refused when set: Hedgerow does no tool calling
+    tool_calls: Any = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+    refusal: str | None = None
+
+    def for_template(self, i: int) -> dict:
+        """The message as a chat template expects it: role and plain-text content."""
+        where = f"messages[{i}]"
+        if self.role in ("tool", "function"):
+            raise unsupported(f"{where}.role",
+                              f"{where}.role {self.role!r} is not supported: Hedgerow does no tool calling")
+        if self.tool_calls or self.function_call:
+            raise unsupported(f"{where}.tool_calls",
+                              f"{where}.tool_calls is not supported: Hedgerow does no tool calling")
+        content = self.content
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise unsupported(f"{where}.content[{j}]",
+                                      f"{where}.content[{j}] is of type {part.type!r}: Hedgerow takes text only")
+            content = "".join(part.text for part in content)
+        if content is None and self.role != "assistant":
+            raise bad(f"{where}.content", "is missing")
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(_Generation):
+    """``POST /v1/chat/completions``; the prompt is the model's chat template applied to
+    ``messages``, ending with the assistant's turn."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    top_logprobs: int | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # meaningless without tools
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+
+    def check(self) -> None:
+        super().check()
+        if self.logprobs not in (None, False):
+            raise unsupported("logprobs", "logprobs is not supported by Hedgerow")
+        if self.top_logprobs is not None:
+            raise unsupported("top_logprobs", "top_logprobs is not supported by Hedgerow")
+        if self.tools or self.functions:
+            name = "tools" if self.tools else "functions"
+            raise unsupported(name, f"{name} is not supported: Hedgerow does no tool calling")
+        if self.tool_choice not in (None, "none"):
+            raise unsupported("tool_choice", "tool_choice must be 'none': Hedgerow does no tool calling")
+        if self.function_call not in (None, "none"):
+            raise unsupported("function_call", "function_call must be 'none': Hedgerow does no tool calling")
+        if self.response_format is not None:
+            kind = self.response_format.get("type") if isinstance(self.response_format, dict) else None
+            if kind != "text":
+                raise unsupported("response_format",
+                                  f"response_format {kind!r} is not supported: Hedgerow produces text only")
+        if self.max_completion_tokens is not None:
+            if self.max_completion_tokens < 1:
+                raise bad("max_completion_tokens", f"must be >= 1, got {self.max_completion_tokens}")
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise bad("max_completion_tokens", "and max_tokens differ: set one of them")
+        if not self.messages:
+            raise bad("messages", "is empty")
+        self.template_messages()
+
+    def template_messages(self) -> list[dict]:
+        return [m.for_template(i) for i, m in enumerate(self.messages)]
+
+    def new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
