@@ -39,7 +39,7 @@ class LinearCost:
 
     a: float = 0.0
     b: float = 0.0
-    decay: float = 0.98
+    decay: float = 0.9  # per observation: rarely observed costs (the draft while not drafting) must still move
     _s: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wn, wnn, wt, wnt
 
     def observe(self, n: float, t: float) -> None:
@@ -137,7 +137,7 @@ class CostPolicy(Policy):
 
     name = "cost"
 
-    def __init__(self, max_gamma: int = 16, probe_every: int = 64):
+    def __init__(self, max_gamma: int = 16, probe_every: int = 32):
         self.verify = LinearCost()
         self.draft = LinearCost()
         self.global_stats = AcceptanceStats(max_gamma)

@@ -10,6 +10,12 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import torch  # noqa: E402
+
+# Tiny test models are dominated by per-op overhead: one thread is faster and steadier than an
+# OpenMP team competing with the test's own server threads on a 2-core machine.
+torch.set_num_threads(1)
+
 TEXT = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
     "for i in range(10):\n    print(i * i)\n",
