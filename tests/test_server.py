@@ -533,7 +533,9 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_folders):
                 try:
                     stub.Generate(req("x", 2), timeout=10)
                 except grpc.RpcError as err:
-                    assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                    # gRPC core refuses it: CANCELLED when the call races the shutdown of the
+                    # listener, UNAVAILABLE once it is closed; either way it never runs
+                    assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
                     break
                 assert time.monotonic() < deadline, "new requests are still accepted"
                 time.sleep(0.02)
