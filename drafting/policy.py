@@ -20,7 +20,7 @@ Expected tokens of a chain with per-position acceptance a_1..a_g (algorithms.md 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -35,25 +35,28 @@ class PolicySequence(Protocol):
 
 @dataclass
 class LinearCost:
-    """t(n) = a + b * n seconds, fitted by exponentially weighted least squares."""
+    """t(n) = a + b * n seconds.
+
+    ``fit`` takes the slope and intercept from calibration points spread over n. Online,
+    ``observe`` moves only the intercept: serving observes almost only small n (one or a few
+    tokens per sequence), from which a slope cannot be told from noise, while the marginal cost
+    of a token is a property of the hardware that calibration measured.
+    """
 
     a: float = 0.0
     b: float = 0.0
     decay: float = 0.9  # per observation: rarely observed costs (the draft while not drafting) must still move
-    _s: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wn, wnn, wt, wnt
+
+    def fit(self, points: Sequence[tuple[float, float]]) -> None:
+        n = [p[0] for p in points]
+        t = [p[1] for p in points]
+        mn, mt = sum(n) / len(n), sum(t) / len(t)
+        var = sum((x - mn) ** 2 for x in n)
+        self.b = max(sum((x - mn) * (y - mt) for x, y in zip(n, t)) / var, 0.0) if var > 0 else 0.0
+        self.a = max(mt - self.b * mn, 0.0)
 
     def observe(self, n: float, t: float) -> None:
-        s = self._s
-        d = self.decay
-        s[:] = [d * s[0] + 1, d * s[1] + n, d * s[2] + n * n, d * s[3] + t, d * s[4] + n * t]
-        w, wn, wnn, wt, wnt = s
-        det = w * wnn - wn * wn
-        if det > 1e-12 * max(1.0, w * wnn):
-            b = (w * wnt - wn * wt) / det
-            self.b = max(b, 0.0)
-            self.a = max((wt - self.b * wn) / w, 0.0)
-        elif w > 0:
-            self.a = max(wt / w - self.b * wn / w, 0.0)
+        self.a = max(self.decay * self.a + (1 - self.decay) * (t - self.b * n), 0.0)
 
     def __call__(self, n: float) -> float:
         return self.a + self.b * n
@@ -101,6 +104,13 @@ class Policy:
         """Chain proposers ask this with the next token's distribution before drafting it."""
         return False
 
+    def plan_trees(self, seqs: Sequence[PolicySequence], configured: Sequence[int], limits: Sequence[int]) -> list[int]:
+        """Tree budgets; by default the same rule as chains."""
+        return self.plan(seqs, configured, limits)
+
+    def observe_rate(self, speculated: bool, tokens: int, seconds: float) -> None:
+        """Tokens emitted and seconds spent by a whole step with tree sequences in it."""
+
 
 class HeuristicPolicy(Policy):
     name = "heuristic"
@@ -138,12 +148,15 @@ class CostPolicy(Policy):
     name = "cost"
 
     def __init__(self, max_gamma: int = 16, probe_every: int = 32):
-        self.verify = LinearCost()
-        self.draft = LinearCost()
+        self.verify = LinearCost()  # one target pass over n tokens
+        self.draft = LinearCost()  # one draft pass over n tokens (calibrated)
+        self.catch_up = LinearCost()  # the draft phase's first pass and fixed costs (learned online)
         self.global_stats = AcceptanceStats(max_gamma)
         self.max_gamma = max_gamma
         self.probe_every = probe_every
         self.steps = 0
+        self.tree_steps = 0
+        self.tree_rate = {True: float("inf"), False: float("inf")}  # tokens/s of tree steps; unmeasured arms first
 
     def calibrated(self) -> bool:
         return self.verify.a + self.verify.b > 0
@@ -160,31 +173,35 @@ class CostPolicy(Policy):
         t = self.verify(sum(g + 1 for g in gammas))
         live = [g for g in gammas if g > 0]
         if live:
-            t += self.draft(2 * len(live))  # catch-up: usually 1-2 tokens per sequence
+            t += self.catch_up(2 * len(live))  # usually 1-2 tokens per sequence
             for i in range(1, max(live)):
                 t += self.draft(sum(1 for g in live if g > i))
         return t
 
     def plan(self, seqs, configured, limits):
+        """Scan one gamma shared by the batch (expected tokens are not concave in gamma: gamma 1 can
+        lose to plain decoding while gamma 4 wins), then move single sequences by +-1 while the
+        predicted tokens per second of the whole step improve."""
         self.steps += 1
         caps = [min(self.max_gamma, c, l) for c, l in zip(configured, limits)]
         stats = [self._stats(s) for s in seqs]
-        gammas = [0] * len(seqs)
-        best = sum(st.expected_tokens(0) for st in stats) / max(self.step_time(gammas), 1e-9)
-        while True:  # greedy ascent: one more draft token where it helps throughput most
-            choice, choice_rate = None, best
+
+        def rate(gammas: list[int]) -> float:
+            return sum(st.expected_tokens(g) for st, g in zip(stats, gammas)) / max(self.step_time(gammas), 1e-9)
+
+        gammas = max(([min(g, c) for c in caps] for g in range(max(caps, default=0) + 1)), key=rate)
+        best = rate(gammas)
+        improved = True
+        while improved:
+            improved = False
             for i, cap in enumerate(caps):
-                if gammas[i] >= cap:
-                    continue
-                gammas[i] += 1
-                rate = sum(st.expected_tokens(g) for st, g in zip(stats, gammas)) / max(self.step_time(gammas), 1e-9)
-                gammas[i] -= 1
-                if rate > choice_rate * (1 + 1e-6):
-                    choice, choice_rate = i, rate
-            if choice is None:
-                break
-            gammas[choice] += 1
-            best = choice_rate
+                for g in (gammas[i] + 1, gammas[i] - 1):
+                    if 0 <= g <= cap:
+                        trial = gammas[:i] + [g] + gammas[i + 1 :]
+                        r = rate(trial)
+                        if r > best * (1 + 1e-6):
+                            gammas, best, improved = trial, r, True
+                            break
         if self.steps % self.probe_every == 0:  # keep acceptance estimates alive where we stopped drafting
             gammas = [max(g, min(1, cap)) for g, cap in zip(gammas, caps)]
         return gammas
@@ -194,14 +211,28 @@ class CostPolicy(Policy):
             self._stats(seq).observe(drafted, accepted)
             self.global_stats.observe(drafted, accepted)
 
+    def plan_trees(self, seqs, configured, limits):
+        """Trees: the configured budget or plain decoding, whichever has measured more tokens per
+        second (a tree step's cost, its construction included, is measured rather than modelled);
+        the other arm is probed every ``probe_every`` tree steps."""
+        self.tree_steps += 1
+        on = self.tree_rate[True] >= self.tree_rate[False]
+        if self.tree_steps % self.probe_every == 0:
+            on = not on
+        return [min(c, l) if on else 0 for c, l in zip(configured, limits)]
+
+    def observe_rate(self, speculated, tokens, seconds):
+        old = self.tree_rate[speculated]
+        rate = tokens / max(seconds, 1e-9)
+        self.tree_rate[speculated] = rate if old == float("inf") else 0.8 * old + 0.2 * rate
+
     def observe_step(self, verify_tokens, verify_seconds, draft_passes, draft_seconds):
         self.verify.observe(verify_tokens, verify_seconds)
         if draft_passes:
-            # split the measured draft time over its passes in proportion to the model's prediction
-            pred = [max(self.draft(n), 1e-9) for n in draft_passes]
-            scale = draft_seconds / sum(pred) if self.draft.a + self.draft.b > 0 else None
-            for n, p in zip(draft_passes, pred):
-                self.draft.observe(n, p * scale if scale else draft_seconds / len(draft_passes))
+            # the drafting passes after the first cost what calibration measured; the rest of the
+            # phase (the catch-up pass and the proposer's own work) is the catch-up cost
+            rest = draft_seconds - sum(self.draft(n) for n in draft_passes[1:])
+            self.catch_up.observe(draft_passes[0], max(rest, 0.0))
 
 
 def make_policy(name: str) -> Policy:
@@ -214,4 +245,3 @@ def make_policy(name: str) -> Policy:
     if name == "cost":
         return CostPolicy()
     raise ValueError(f"adaptive policy must be one of {', '.join(POLICIES)}, got {name!r}")
-

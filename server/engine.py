@@ -210,6 +210,12 @@ class Engine:
         self.policy.observe_step(
             int(flat.num_nodes.sum()), phases["verify"], self.drafter.passes if self.drafter else [], phases["draft"]
         )
+        if any(s.spec.mode is SpecMode.TREE for s in batch):
+            self.policy.observe_rate(
+                any(t.num_draft_tokens for t in trees),
+                sum(len(o.token_ids) for o in outputs),
+                phases["draft"] + phases["verify"] + phases["commit"],
+            )
         return outputs
 
     def _verify(self, batch: list[Sequence], trees: list[DraftTree], flat) -> list[Acceptance]:
@@ -288,7 +294,7 @@ class Engine:
                     self._chain_logits[i] = lg
             else:
                 limits = [self._limits(s)[1] for s in group]
-                sizes = self.policy.plan(group, [s.spec.tree_budget for s in group], limits)
+                sizes = self.policy.plan_trees(group, [s.spec.tree_budget for s in group], limits)
                 proposed = self.tree.propose(group, [self._tree_shape(s, n) for s, n in zip(group, sizes)])
             for i, tree in zip(idx, proposed):
                 trees[i] = tree
@@ -360,8 +366,8 @@ class Engine:
                     runner.logits(runner.forward([scratch], flat)[:, -1]).argmax(-1).tolist()
                     if rep:
                         best[n] = min(best[n], time.perf_counter() - t)
-            for n in sizes:
-                cost.observe(n, best[n])
+            cost.fit([(n, best[n]) for n in sizes])
+        self.policy.catch_up.fit([(n, self.policy.draft(n)) for n in sizes])  # until measured online
 
     # --- offline helper ------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request]) -> dict[str, Sequence]:

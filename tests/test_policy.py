@@ -19,15 +19,19 @@ def cost_policy(alpha: float, verify=(0.010, 0.0002), draft=(0.002, 0.00005)) ->
     p = CostPolicy()
     p.verify.a, p.verify.b = verify
     p.draft.a, p.draft.b = draft
+    p.catch_up.a, p.catch_up.b = draft
     p.global_stats.hits = [alpha] * p.max_gamma
     return p
 
 
-def test_linear_cost_fit_recovers_a_line():
+def test_linear_cost_fit_recovers_a_line_and_online_moves_the_intercept():
     c = LinearCost()
-    for n in (1, 4, 16, 32, 8, 2):
-        c.observe(n, 0.003 + 0.0005 * n)
+    c.fit([(n, 0.003 + 0.0005 * n) for n in (1, 4, 16, 32)])
     assert c(0) == pytest.approx(0.003, rel=1e-6) and c(10) == pytest.approx(0.008, rel=1e-6)
+    for _ in range(100):  # the machine got slower by 2 ms per pass, observed at n = 1 and 2 only
+        c.observe(1, 0.005 + 0.0005)
+        c.observe(2, 0.005 + 0.001)
+    assert c.b == pytest.approx(0.0005) and c(0) == pytest.approx(0.005, rel=1e-3)
 
 
 def test_acceptance_stats_expected_tokens():
@@ -107,3 +111,24 @@ def test_cost_policy_stops_speculating_with_a_random_draft(pair):
     engine = make_engine(target, draft, adaptive="cost")
     seq = engine.generate([request("r", PROMPTS[0], 120, ignore_eos=True)])["r"]
     assert seq.stats.draft_tokens < 0.25 * seq.stats.verify_steps, seq.stats
+
+
+def test_cost_policy_finds_a_long_draft_past_a_losing_short_one():
+    # a high fixed cost per speculative step and cheap extra tokens: gamma 1 loses to plain
+    # decoding, gamma 8 wins; a one-token-at-a-time ascent would stop at 0
+    p = cost_policy(alpha=0.9, verify=(0.010, 0.0001), draft=(0.008, 0.0))
+    p.draft = LinearCost(a=0.0005, b=0.0)
+    p.step_time = lambda gs: 0.010 + (0.012 if any(gs) else 0.0) + 0.0005 * max(gs, default=0)
+    assert p.plan([Seq()], [8], [8]) == [8]
+
+
+def test_cost_policy_for_trees_keeps_the_faster_arm_and_probes_the_other():
+    p = cost_policy(alpha=0.5)
+    p.probe_every = 10
+    s = Seq()
+    assert p.plan_trees([s], [16], [16]) == [16]  # unmeasured: try trees first
+    for _ in range(5):
+        p.observe_rate(True, 3, 0.020)  # 150 tokens/s with trees
+        p.observe_rate(False, 1, 0.005)  # 200 tokens/s without
+    plans = [p.plan_trees([s], [16], [16])[0] for _ in range(20)]
+    assert plans.count(0) == 18 and plans.count(16) == 2
