@@ -157,6 +157,9 @@ class CostPolicy(Policy):
         self.steps = 0
         self.tree_steps = 0
         self.tree_rate = {True: float("inf"), False: float("inf")}  # tokens/s of tree steps; unmeasured arms first
+        self.tree_probe_gap = probe_every
+        self.tree_next_probe = probe_every
+        self._probing: bool | None = None  # the arm a probe step left, until its rate is observed
 
     def calibrated(self) -> bool:
         return self.verify.a + self.verify.b > 0
@@ -214,10 +217,12 @@ class CostPolicy(Policy):
     def plan_trees(self, seqs, configured, limits):
         """Trees: the configured budget or plain decoding, whichever has measured more tokens per
         second (a tree step's cost, its construction included, is measured rather than modelled);
-        the other arm is probed every ``probe_every`` tree steps."""
+        the other arm is probed after ``tree_probe_gap`` tree steps, a gap that doubles (up to 512)
+        while probes confirm the choice: a probe of a losing tree arm costs several plain steps."""
         self.tree_steps += 1
         on = self.tree_rate[True] >= self.tree_rate[False]
-        if self.tree_steps % self.probe_every == 0:
+        if self.tree_steps >= self.tree_next_probe:
+            self._probing = on
             on = not on
         return [min(c, l) if on else 0 for c, l in zip(configured, limits)]
 
@@ -225,6 +230,11 @@ class CostPolicy(Policy):
         old = self.tree_rate[speculated]
         rate = tokens / max(seconds, 1e-9)
         self.tree_rate[speculated] = rate if old == float("inf") else 0.8 * old + 0.2 * rate
+        if self._probing is not None:  # that step was a probe: back off while the choice holds
+            kept = (self.tree_rate[True] >= self.tree_rate[False]) == self._probing
+            self.tree_probe_gap = min(512, self.tree_probe_gap * 2) if kept else self.probe_every
+            self.tree_next_probe = self.tree_steps + self.tree_probe_gap
+            self._probing = None
 
     def observe_step(self, verify_tokens, verify_seconds, draft_passes, draft_seconds):
         self.verify.observe(verify_tokens, verify_seconds)
