@@ -1,0 +1,35 @@
+"""benchmarks: offline speedup, latency under load, oracle-acceptance sweeps, the results report
+
+    hedgerow bench offline [--target T --draft D] --prompts humaneval --num-prompts 10 --max-new-tokens 128 \\
+        --modes ar,chain,tree --baselines hf,hf-assisted --output bench/results/offline.json
+    hedgerow bench serve --grpc 127.0.0.1:50051 --concurrency 1,4,16,64 --duration 30
+    hedgerow bench sweep --oracle-acceptance 0.5,0.7,0.9
+    hedgerow bench report            # bench/RESULTS.md (and plots) from bench/results/*.json
+
+Every figure is a ratio measured in one run: same machine, same models, same prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+SUBCOMMANDS = {
+    "offline": ("bench.offline", "speedup of Hedgerow's modes against plain decoding and transformers (batch 1)"),
+    "serve": ("bench.serve", "TTFT, inter-token and end-to-end latency of a running server under load"),
+    "sweep": ("bench.sweep", "systems benchmark: oracle drafter at set acceptance rates, against the ideal speedup"),
+    "report": ("bench.results", "regenerate bench/RESULTS.md and the plots from bench/results/*.json"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="{offline,serve,sweep,report}",
+                           parser_class=type(p))
+    for name, (module, help_) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        importlib.import_module(module).add_arguments(sp)
+        sp.set_defaults(bench_module=module)
+
+
+def run(args) -> int:
+    return importlib.import_module(args.bench_module).run(args)

