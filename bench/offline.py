@@ -357,6 +357,9 @@ def summarize(c: Contender, runs: dict[str, list[Run]], repeats: int, n: int, gr
                                         "verify_steps", "draft_tokens", "accepted_tokens")})
         # with an adaptive draft-length policy the engine picks gamma / the tree size per step
         res["mean_draft_tokens_per_step"] = acc["draft_tokens"] / acc["verify_steps"] if acc["verify_steps"] else None
+        # drafted tokens thrown away (rejected drafts and hedge branches that missed), and the branches
+        for key in ("rollback_tokens", "branches", "branch_hits"):
+            res[key] = sum(getattr(r.stats, key) for r in mine)
         phases: dict[str, float] = {}
         for r in mine:
             for k, v in r.phases.items():

@@ -153,6 +153,15 @@ def offline_section(stem: str, data: dict, rel: str) -> list[str]:
                   markdown_table(["contender"] + [str(k) for k in range(1, longest + 1)],
                                  [[r["name"]] + [r["acceptance_length_histogram"].get(str(k), 0)
                                                  for k in range(1, longest + 1)] for r in hists]), ""]
+    rolled = [r for r in results if r.get("rollback_tokens") is not None and r["name"] != "ar"]
+    if rolled:
+        lines += ["Rollback: drafted tokens thrown away (rejected drafts, and hedge branches that missed), "
+                  "hedge branches drafted during verification and those that came true:", "",
+                  markdown_table(["contender", "rollback tokens", "rollback per generated token", "branches",
+                                  "branch hits"],
+                                 [[r["name"], r["rollback_tokens"],
+                                   fmt(r["rollback_tokens"] / r["generated_tokens"] if r["generated_tokens"] else None),
+                                   r["branches"], r["branch_hits"]] for r in rolled]), ""]
     lines += [f"![speedup](results/{stem}_speedup.png)"]
     if hists:
         lines += [f"![acceptance](results/{stem}_acceptance.png)"]
