@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from server.runner import ModelRunner
-from server.sequence import SpecMode, SpecParams
+from server.sequence import SpecMode
 from tests.tiny import EOS, hf_greedy, make_engine, request, tiny_model
 from verify.flatten import flatten
 from verify.sampling import SamplingParams

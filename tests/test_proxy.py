@@ -11,7 +11,6 @@ without a chat template (400). A client that goes away cancels its gRPC call and
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import signal
@@ -30,14 +29,13 @@ pytest.importorskip("fastapi", reason="the proxy needs fastapi and uvicorn")
 uvicorn = pytest.importorskip("uvicorn", reason="the proxy needs fastapi and uvicorn")
 
 from server.engine import Engine, EngineConfig  # noqa: E402
-from server.grpc_service import ServiceConfig, start_server  # noqa: E402
+from server.grpc_service import ServiceConfig  # noqa: E402
 from server.loader import load_pair  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
 from server.proxy import ProxyConfig, create_app, grpc_error, listen  # noqa: E402
 from server.rpc import generation_pb2 as pb  # noqa: E402
-from server.rpc import generation_pb2_grpc as pb_grpc  # noqa: E402
 from server.runner import ModelRunner  # noqa: E402
 from server.sequence import SpecParams  # noqa: E402
+from tests.live import LiveServer  # noqa: E402
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "for i in range(10):"]
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -45,7 +43,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{%
 
 
 # --- harness -------------------------------------------------------------------------------------
-class GrpcHarness:
+class GrpcHarness(LiveServer):
     """``hedgerow serve``'s service on its own event-loop thread; ``delay`` slows every target pass."""
 
     def __init__(self, folders):
@@ -63,24 +61,8 @@ class GrpcHarness:
             return forward(slots, flat)
 
         engine.target.forward = slowed
-        self.metrics = Metrics()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         service = ServiceConfig(target_name=str(folders["target"]), draft_name=str(folders["draft"]))
-        self.server = self._run(start_server(engine, pair.tokenizer, port=0, config=service, metrics=self.metrics))
-        self.address = f"127.0.0.1:{self.server.port}"
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = pb_grpc.GenerationStub(self.channel)
-
-    def _run(self, coro, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self):
-        self.channel.close()
-        self._run(self.server.stop(None))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        super().__init__(engine, pair.tokenizer, config=service)
 
     def busy(self) -> tuple[int, int, int]:
         """(target KV slots in use, running, waiting), read on the engine thread."""

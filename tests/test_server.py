@@ -4,14 +4,12 @@ reflection (grpcurl), metrics; and ``hedgerow serve`` draining on SIGTERM."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -21,14 +19,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.engine import Engine, EngineConfig
-from server.grpc_service import start_server
 from server.loader import load_pair, load_tokenizer
-from server.metrics import Metrics
 from server.rpc import generate as stubgen
 from server.rpc import generation_pb2 as pb
 from server.rpc import generation_pb2_grpc as pb_grpc
 from server.runner import ModelRunner
 from server.sequence import SpecMode
+from tests.live import LiveServer
 from tests.tiny import EOS, hf_greedy, make_engine, perturbed_copy, tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
@@ -37,27 +34,12 @@ EOS_PROMPT = PROMPTS[0]  # the target's greedy output for it ends with EOS after
 
 
 # --- harness -------------------------------------------------------------------------------------
-class Harness:
+class Harness(LiveServer):
     """A server on its own event loop thread, and sync clients to it."""
 
     def __init__(self, engine, tokenizer, **kw):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.metrics = kw.pop("metrics", None) or Metrics()
-        self.server = self._run(start_server(engine, tokenizer, port=0, metrics=self.metrics, **kw))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
-        self.stub = pb_grpc.GenerationStub(self.channel)
+        super().__init__(engine, tokenizer, **kw)
         self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def _run(self, coro, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self):
-        self.channel.close()
-        self._run(self.server.stop(None))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
     def serving(self) -> bool:
         for service in ("", "hedgerow.v1.Generation"):
