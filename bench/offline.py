@@ -288,7 +288,7 @@ def run(args) -> int:
     data = {
         "config": new_config(
             "offline", args,
-            embedded_pair=args.target is None,
+            embedded_pair=args.target is None and args.draft is None,
             target=engine.target.model.name_or_path, draft=engine.draft.model.name_or_path if engine.draft else None,
             target_device=str(engine.target.device), dtype=str(engine.target.dtype).removeprefix("torch."),
             prompts=args.prompts, num_prompts=n, prompt_tokens=[len(x) for x in prompt_ids],

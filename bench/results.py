@@ -48,7 +48,9 @@ def _machine(cfg: dict) -> str:
     m = cfg["machine"]
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     return (f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads){gpu}; Python {m['python']}, "
-            f"torch {m['torch']}, transformers {m['transformers']}; run started {cfg['started']}")
+            f"torch {m['torch']}, transformers {m['transformers']}; run started {cfg['started']}"
+            + (f"; 1-min load average {m['load_average_1min_at_start']} at start, {m['load_average_1min']} at end"
+               if m.get("load_average_1min_at_start") is not None else ""))
 
 
 def _header(stem: str, data: dict, rel: str) -> list[str]:
@@ -93,36 +95,65 @@ def targets(results: list[dict]) -> list[tuple[str, float, float | None, str]]:
     ]
 
 
+def _embedded(cfg: dict) -> bool:
+    """Both models are the embedded pair (a run may name only --draft: then the target alone is)."""
+    words = cfg["command"].split()
+    return bool(cfg.get("embedded_pair")) and "--target" not in words and "--draft" not in words
+
+
 def _matches_target(cfg: dict) -> bool:
-    return cfg["kind"] == "offline" and all(cfg.get(k) == v for k, v in TARGET_CONFIG.items())
+    return (cfg["kind"] == "offline" and _embedded(cfg)
+            and all(cfg.get(k) == v for k, v in TARGET_CONFIG.items() if k != "embedded_pair"))
 
 
 def target_section(runs: list[tuple[str, dict]]) -> list[str]:
     lines = ["## Where we stand against the issue's targets", "",
-             f"Targets apply to the configuration {TARGET_TEXT}; ratios of tokens/s measured in one run.", ""]
+             f"Targets apply to the configuration {TARGET_TEXT}; ratios of tokens/s measured within one run. "
+             "One row per run of that configuration that measured at least one of the ratios; 'best' is the "
+             "fastest Hedgerow speculative mode whose output equals plain decoding's.", ""]
     matching = [(stem, d) for stem, d in runs if _matches_target(d["config"])]
-    if not matching:
+    assessed = [(stem, d, targets(d["results"])) for stem, d in matching]
+    assessed = [(stem, d, t) for stem, d, t in assessed if any(got is not None for _, _, got, _ in t)]
+    if not assessed:
         return lines + ["No run in bench/results has that configuration yet: the targets are not assessed.", ""]
-    for stem, data in matching:
-        rows, met = [], 0
-        for what, need, got, how in targets(data["results"]):
+    specs = assessed[0][2]
+    headers = ["run", "best mode", "best / ar (≥ 2.0×)", "best / hf-assisted (≥ 1.5×)", "ar / hf (≥ 1.0×)", "met"]
+    rows, best = [], [None] * len(specs)
+    for stem, data, ts in assessed:
+        met = 0
+        cells = []
+        for i, (_, need, got, _) in enumerate(ts):
             ok = got is not None and got >= need
             met += ok
-            rows.append([what, how, fmt(got, 2, "×"), "met" if ok else ("not measured" if got is None else "not met")])
-        lines += [f"From `{stem}.json`: {met} of {len(rows)} targets met.", "",
-                  markdown_table(["target", "ratio", "measured", "status"], rows), ""]
+            cells.append("—" if got is None else f"{got:.2f}× ({'met' if ok else 'not met'})")
+            if got is not None and (best[i] is None or got > best[i][0]):
+                best[i] = (got, stem)
+        mode = best_speculative(data["results"])
+        measured = sum(got is not None for _, _, got, _ in ts)
+        rows.append([f"`{stem}`", mode["name"] if mode else "—"] + cells + [f"{met} of {measured} measured"])
+    lines += [markdown_table(headers, rows), ""]
+    for (what, need, _, _), b in zip(specs, best):
+        if b is None:
+            lines.append(f"- {what}: not measured.")
+        else:
+            lines.append(f"- {what}: {'met' if b[0] >= need else 'not met'}; best measured {b[0]:.2f}× "
+                         f"(`{b[1]}`).")
+    lines.append("")
+    for stem, data, _ in assessed:
         mismatched = [r["name"] for r in data["results"] if r["outputs_match_ar"] is False]
         if mismatched:
-            lines += [f"Output differs from plain decoding for: {', '.join(mismatched)} "
-                      "(those modes are excluded from 'best speculative mode').", ""]
+            lines += [f"`{stem}`: output differs from plain decoding for {', '.join(mismatched)} "
+                      "(excluded from 'best mode').", ""]
     return lines
 
 
 def offline_section(stem: str, data: dict, rel: str) -> list[str]:
     cfg, results = data["config"], data["results"]
     by = _by_name(results)
-    target = "the embedded pair (server/embedded)" if cfg.get("embedded_pair") else f"{cfg['target']}"
-    draft = "" if cfg.get("embedded_pair") else f", draft {cfg['draft']}"
+    if _embedded(cfg):
+        target, draft = "the embedded pair (server/embedded)", ""
+    else:
+        target, draft = cfg["target"], f", draft {cfg['draft']}"
     sampling = "greedy" if cfg["greedy"] else ", ".join(f"{k} {v}" for k, v in cfg["sampling"].items())
     lines = [f"## Offline speedup: `{stem}`", ""] + _header(stem, data, rel) + [
         f"Models: target {target}{draft}; {cfg['target_device']}, {cfg['dtype']}. Workload: {cfg['prompts']}, "
