@@ -23,7 +23,7 @@ Clients:
   goes in ``GenerateRequest.speculation.mode``; token counts come from each message's ``token_ids``.
 - ``--openai URL``: ``POST URL/v1/completions`` with ``"stream": true`` (OpenAI SSE: ``data: {json}``
   lines, ``data: [DONE]`` at the end), plain ``urllib`` in a thread per in-flight request. The mode
-  goes in a Hedgerow extension field ``"hedgerow": {"speculation": {"mode": "off" | "chain" | "tree"}}``.
+  goes in a Hedgerow extension field ``"speculation": {"mode": "off" | "chain" | "tree"}``.
   The SSE chunks carry text only: the token count is ``usage.completion_tokens`` of the last chunk
   when the server sends it (we ask with ``stream_options.include_usage``), else one per chunk; the
   inter-token gaps are spread evenly over a request's chunks accordingly.
@@ -185,7 +185,7 @@ class OpenAIClient:
         body = {
             "model": args.model, "prompt": prompt, "max_tokens": args.max_new_tokens,
             "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True},
-            "hedgerow": {"speculation": {"mode": mode}},  # Hedgerow extension (server/proxy.py)
+            "speculation": {"mode": mode},  # Hedgerow extension
         }
         if args.ignore_eos:
             body["ignore_eos"] = True  # extension understood by vLLM-style servers
