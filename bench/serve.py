@@ -23,7 +23,8 @@ Clients:
   goes in ``GenerateRequest.speculation.mode``; token counts come from each message's ``token_ids``.
 - ``--openai URL``: ``POST URL/v1/completions`` with ``"stream": true`` (OpenAI SSE: ``data: {json}``
   lines, ``data: [DONE]`` at the end), plain ``urllib`` in a thread per in-flight request. The mode
-  goes in a Hedgerow extension field ``"speculation": {"mode": "off" | "chain" | "tree"}``.
+  goes in the proxy's Hedgerow extension object ``"hedgerow": {"speculation": {"mode": "off" | "chain" |
+  "tree"}}`` (``hedgerow proxy``; other servers refuse or ignore it).
   The SSE chunks carry text only: the token count is ``usage.completion_tokens`` of the last chunk
   when the server sends it (we ask with ``stream_options.include_usage``), else one per chunk; the
   inter-token gaps are spread evenly over a request's chunks accordingly.
@@ -185,7 +186,7 @@ class OpenAIClient:
         body = {
             "model": args.model, "prompt": prompt, "max_tokens": args.max_new_tokens,
             "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True},
-            "speculation": {"mode": mode},  # Hedgerow extension
+            "hedgerow": {"speculation": {"mode": mode}},  # Hedgerow extension (hedgerow proxy)
         }
         if args.ignore_eos:
             body["ignore_eos"] = True  # extension understood by vLLM-style servers

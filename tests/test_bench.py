@@ -15,6 +15,7 @@ import pytest
 
 from server.cli import build_parser, main
 from server.errors import HedgerowError
+from server.openai_schema import CompletionRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
@@ -286,7 +287,9 @@ def test_serve_openai_sse(prompts_file, tmp_path):
     _check_serve(data, [2], ["off", "chain"])
     assert all(r["generated_tokens"] == 3 * 6 for r in data["results"])  # from usage.completion_tokens
     sent = _FakeOpenAI.seen
-    assert {r["speculation"]["mode"] for r in sent} == {"off", "chain"}
+    assert {r["hedgerow"]["speculation"]["mode"] for r in sent} == {"off", "chain"}
+    for body in sent:  # what the bench sends is a request the proxy accepts (its schema forbids unknown fields)
+        CompletionRequest.model_validate(body)
     assert all(r["stream"] and r["max_tokens"] == 6 for r in sent)
 
 
@@ -337,3 +340,22 @@ def test_bench_is_a_subcommand():
     parser = build_parser()
     args = parser.parse_args(["bench", "report", "--no-plots"])
     assert args.bench_module == "bench.results"
+
+
+def test_random_draft_has_the_drafts_shape_and_tokenizer_but_not_its_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from bench import random_draft
+    from server.embedded import default_pair
+
+    like = Path(default_pair()[1])
+    assert random_draft.main([str(tmp_path / "rand"), "--seed", "3"]) == 0
+    assert (tmp_path / "rand" / "tokenizer.json").read_bytes() == (like / "tokenizer.json").read_bytes()
+    ours, theirs = load_file(tmp_path / "rand" / "model.safetensors"), load_file(like / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    assert not torch_equal(ours["model.embed_tokens.weight"], theirs["model.embed_tokens.weight"])
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a.float() == b.float()).all())
