@@ -55,6 +55,10 @@ def _machine(cfg: dict) -> str:
 
 def _header(stem: str, data: dict, rel: str) -> list[str]:
     cfg = data["config"]
+    made = []
+    if "--draft /tmp/random-draft" in cfg["command"]:
+        made = ["`/tmp/random-draft` (the embedded draft's shape and tokenizer, random weights) is made by "
+                "`python -m bench.random_draft /tmp/random-draft`.", ""]
     return [
         f"Produced by (`{rel}/{stem}.json`):",
         "",
@@ -62,6 +66,7 @@ def _header(stem: str, data: dict, rel: str) -> list[str]:
         cfg["command"],
         "```",
         "",
+        *made,
         f"Machine: {_machine(cfg)}.",
         "",
     ]
