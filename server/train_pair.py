@@ -10,12 +10,17 @@ Pipeline (every stage is resumable from ``--work-dir``):
                bos/eos/pad and separates documents.
 3. target   -- Llama, trained with CE on random windows of the token stream,
                AdamW + linear warmup + cosine decay, bf16 autocast on CPU.
-4. draft    -- a much smaller Llama, trained on the same stream with a mix of
-               KL(target || draft) on the target's next-token distribution and CE.
-5. export   -- both models in Hugging Face format (bfloat16 on disk) plus the
+4. greedy   -- the target greedily continues random windows of the training stream
+               (``--greedy-minutes``): the text speculative decoding verifies is the
+               target's own output, so the draft studies it.
+5. draft    -- a much smaller Llama, trained with a mix of KL(target || draft) on the
+               target's next-token distribution and CE, on batches that take
+               ``--greedy-fraction`` of their rows from the greedy continuations and the
+               rest from the training stream.
+6. export   -- both models in Hugging Face format (bfloat16 on disk) plus the
                shared tokenizer files, into ``--out-dir`` (default: the package's
                ``server/embedded``).
-6. eval     -- held-out loss/perplexity of both exported models, and greedy
+7. eval     -- held-out loss/perplexity of both exported models, and greedy
                chain-speculative acceptance at gamma=4 on the first 20 HumanEval
                prompts (simulated with the HF models).
 
@@ -24,12 +29,15 @@ schedule (linear warmup over the first steps, cosine decay over the budget) and
 stop each stage when its budget of training-loop time is spent; the elapsed time
 is stored in the checkpoint, so a resumed run continues the same schedule.
 ``--target-steps``/``--draft-steps`` fix the step counts instead (fully
-deterministic, used by the tests).
+deterministic, used by the tests). ``--target-from DIR`` skips stages 2-3: the target
+and its tokenizer are read from an exported folder (for example the shipped
+``server/embedded/target``) and only a new draft is trained for it.
 
 Usage::
 
     python -m server.train_pair --work-dir /tmp/hedgerow-pair           # train + export + eval
     python -m server.train_pair --eval-only                              # eval the shipped pair
+    python -m server.train_pair --work-dir /tmp/d --target-from server/embedded/target   # new draft only
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import sysconfig
 import time
@@ -92,6 +101,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target-batch", type=int, default=8)
     g.add_argument("--target-minutes", type=float, default=34.0)
     g.add_argument("--target-steps", type=int, default=0, help="fix the step count (overrides minutes)")
+    g.add_argument("--target-from", type=Path, default=None,
+                   help="use this exported target (and its tokenizer) instead of training one; "
+                        "only the draft is trained")
+
+    g = parser.add_argument_group("greedy continuations of the target (draft training data)")
+    g.add_argument("--greedy-minutes", type=float, default=5.0,
+                   help="time spent generating them (0: train the draft on the corpus only)")
+    g.add_argument("--greedy-rows", type=int, default=0, help="fix the number of rows (overrides minutes)")
+    g.add_argument("--greedy-batch", type=int, default=128, help="rows generated together")
+    g.add_argument("--greedy-prefix", type=int, default=64, help="tokens of the corpus each row starts from")
+    g.add_argument("--greedy-new", type=int, default=193, help="greedy tokens generated per row")
+    g.add_argument("--greedy-fraction", type=float, default=0.5,
+                   help="fraction of each draft batch's rows taken from the greedy continuations")
 
     g = parser.add_argument_group("draft model")
     g.add_argument("--draft-hidden", type=int, default=128)
@@ -294,7 +316,8 @@ class Stage:
     batch: int
     minutes: float
     steps: int
-    loss_fn: Callable  # (model, x, y) -> (loss, metrics dict)
+    loss_fn: Callable  # (model, parts) -> (loss, metrics dict); parts = [(x, y), ...]
+    batches: Callable  # step -> parts: one or more (x, y) blocks of different lengths
 
 
 def _lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float) -> float:
@@ -394,7 +417,33 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train_stage(stage: Stage, stream, args, log) -> dict:
+def stream_batches(stream, name: str, batch: int, args) -> Callable:
+    seed = args.seed + zlib.crc32(name.encode()) % 997
+    return lambda step: [_batch(stream, step, batch, args.seq_len, seed)]
+
+
+def mixed_batches(stream, rows, name: str, batch: int, args) -> Callable:
+    """Each step: ``round(batch * greedy_fraction)`` greedy rows (drawn like the windows, from the
+    seed and the step) and the rest as windows of the stream."""
+    import torch
+
+    seed = args.seed + zlib.crc32(name.encode()) % 997
+    n_greedy = 0 if rows is None or len(rows) == 0 else min(batch, round(batch * args.greedy_fraction))
+
+    def fn(step: int):
+        parts = []
+        if batch - n_greedy:
+            parts.append(_batch(stream, step, batch - n_greedy, args.seq_len, seed))
+        if n_greedy:
+            g = torch.Generator().manual_seed(seed * 1_000_033 + step)
+            chunk = rows[torch.randint(0, len(rows), (n_greedy,), generator=g)].long()
+            parts.append((chunk[:, :-1], chunk[:, 1:]))
+        return parts
+
+    return fn
+
+
+def train_stage(stage: Stage, args, log) -> dict:
     """Train one model; resumable via <work_dir>/<name>.ckpt.pt. Returns the stage record."""
     import torch
     from tqdm.auto import tqdm
@@ -450,9 +499,8 @@ def train_stage(stage: Stage, stream, args, log) -> dict:
             lr = _lr_time(step, state["elapsed_s"] / budget_s, state["warmup"], stage.lr, args.min_lr_ratio)
         for grp in opt.param_groups:
             grp["lr"] = lr
-        x, y = _batch(stream, step, stage.batch, args.seq_len, args.seed + zlib.crc32(stage.name.encode()) % 997)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, metrics = stage.loss_fn(model, x, y)
+            loss, metrics = stage.loss_fn(model, stage.batches(step))
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
@@ -492,33 +540,94 @@ def train_stage(stage: Stage, stream, args, log) -> dict:
     return state
 
 
-def ce_loss_fn(model, x, y):
+def ce_loss_fn(model, parts):
     import torch.nn.functional as F
 
-    logits = model(input_ids=x).logits.float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-    return loss, {}
+    total, n = 0.0, 0
+    for x, y in parts:
+        logits = model(input_ids=x).logits.float()
+        total = total + F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        n += y.numel()
+    return total / n, {}
 
 
 def make_kd_loss_fn(teacher, alpha: float, temperature: float):
     import torch
     import torch.nn.functional as F
 
-    def fn(model, x, y):
-        with torch.no_grad():
-            t_logits = teacher(input_ids=x).logits.float()
-        s_logits = model(input_ids=x).logits.float()
-        V = s_logits.size(-1)
-        s_flat, t_flat = s_logits.reshape(-1, V), t_logits.reshape(-1, V)
-        ce = F.cross_entropy(s_flat, y.reshape(-1))
+    def fn(model, parts):
         T = temperature
-        kl = F.kl_div(F.log_softmax(s_flat / T, -1), F.log_softmax(t_flat / T, -1),
-                      log_target=True, reduction="batchmean") * (T * T)
-        with torch.no_grad():
-            agree = (s_flat.argmax(-1) == t_flat.argmax(-1)).float().mean()
+        ce = kl = agree = 0.0
+        n = sum(y.numel() for _, y in parts)
+        for x, y in parts:  # token-weighted sums over blocks of different lengths
+            with torch.no_grad():
+                t_logits = teacher(input_ids=x).logits.float()
+            s_logits = model(input_ids=x).logits.float()
+            V = s_logits.size(-1)
+            s_flat, t_flat = s_logits.reshape(-1, V), t_logits.reshape(-1, V)
+            ce = ce + F.cross_entropy(s_flat, y.reshape(-1), reduction="sum") / n
+            kl = kl + F.kl_div(F.log_softmax(s_flat / T, -1), F.log_softmax(t_flat / T, -1),
+                               log_target=True, reduction="sum") * (T * T) / n
+            with torch.no_grad():
+                agree = agree + (s_flat.argmax(-1) == t_flat.argmax(-1)).float().sum() / n
         return alpha * kl + (1 - alpha) * ce, {"ce": ce.detach(), "kl": kl.detach(), "top1_agree": agree}
 
     return fn
+
+
+# ------------------------------------------------------- greedy continuations
+
+
+def generate_greedy_rows(target, stream, eos: int, args, log):
+    """Rows of ``greedy_prefix`` corpus tokens followed by ``greedy_new`` greedy tokens of the target.
+
+    Speculative decoding verifies drafts against the target's own continuations, which differ from
+    the corpus (small models fall into loops and favourite phrases); a draft trained on them agrees
+    with the target more often where it matters. Batch b starts from windows drawn from the seed
+    and b; rows are saved after every batch in <work_dir>/greedy.pt, so a rerun resumes. Returns an
+    int tensor [rows, prefix + new], or None when disabled.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    want, budget_s = args.greedy_rows, args.greedy_minutes * 60.0
+    if not want and budget_s <= 0:
+        return None
+    path = args.work_dir / "greedy.pt"
+    state = {"rows": [], "elapsed_s": 0.0, "done": False}
+    if path.exists():
+        state = torch.load(path, weights_only=False)
+        log(f"[greedy] resumed from {path}: {sum(len(r) for r in state['rows'])} rows")
+    have = sum(len(r) for r in state["rows"])
+    pbar = tqdm(total=want or None, initial=have, desc="greedy", unit="row", disable=args.no_progress,
+                dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
+    target.eval()
+    while not state["done"]:
+        if (want and have >= want) or (not want and state["elapsed_s"] >= budget_s):
+            state["done"] = True
+            _atomic_save(state, path)
+            break
+        b = len(state["rows"])
+        n = min(args.greedy_batch, want - have) if want else args.greedy_batch
+        g = torch.Generator().manual_seed(args.seed * 7919 + b)
+        starts = torch.randint(0, len(stream) - args.greedy_prefix, (n,), generator=g)
+        x = stream[starts[:, None] + torch.arange(args.greedy_prefix)[None, :]].long()
+        t0 = time.time()
+        # min_new_tokens keeps every row full length (eos is masked out until then)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+            out = target.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                  max_new_tokens=args.greedy_new, min_new_tokens=args.greedy_new,
+                                  pad_token_id=eos, eos_token_id=eos)
+        state["elapsed_s"] += time.time() - t0
+        state["rows"].append(out.to(torch.int32))
+        have += n
+        _atomic_save(state, path)
+        pbar.update(n)
+    pbar.close()
+    rows = torch.cat(state["rows"])
+    log(f"[greedy] {len(rows)} rows x {rows.shape[1]} tokens ({len(rows) * args.greedy_new} generated)"
+        f" in {state['elapsed_s'] / 60:.1f} min")
+    return rows
 
 
 # -------------------------------------------------------------------- evaluation
@@ -709,16 +818,26 @@ def run(args) -> int:
     meta_path = args.work_dir / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
     # 1-2. corpus + tokenizer + token streams (cached in work_dir)
-    tok_dir = args.work_dir / "tokenizer"
+    if args.target_from is not None and not (args.target_from / "config.json").exists():
+        raise SystemExit(f"--target-from {args.target_from}: no config.json there (expected a folder written "
+                         "by save_pretrained, for example server/embedded/target)")
+    tok_dir = args.target_from if args.target_from is not None else args.work_dir / "tokenizer"
     data_path = args.work_dir / "tokens.npz"
+    if meta.get("tokenizer_source", str(args.work_dir / "tokenizer")) != str(tok_dir.resolve()):
+        data_path.unlink(missing_ok=True)  # the stream was tokenized by another tokenizer
     if not (tok_dir / "tokenizer.json").exists() or not data_path.exists():
         t0 = time.time()
         train_docs, held_docs, stats = collect_corpus(stdlib_root(args), args.heldout_percent, args.max_files)
         log(f"[data] corpus {stats}")
-        tok = train_tokenizer((t for _, t in train_docs), args.vocab_size)
-        hf_tok = wrap_tokenizer(tok, model_max_length=max(1024, args.seq_len))
-        hf_tok.save_pretrained(tok_dir)
+        if args.target_from is not None:
+            hf_tok = AutoTokenizer.from_pretrained(tok_dir)
+        else:
+            tok = train_tokenizer((t for _, t in train_docs), args.vocab_size)
+            hf_tok = wrap_tokenizer(tok, model_max_length=max(1024, args.seq_len))
+            hf_tok.save_pretrained(tok_dir)
         train_ids = encode_docs(hf_tok, train_docs)
         held_ids = encode_docs(hf_tok, held_docs)
         np.savez(data_path, train=np.asarray(train_ids, dtype=np.uint16), heldout=np.asarray(held_ids, dtype=np.uint16))
@@ -727,10 +846,9 @@ def run(args) -> int:
                      bytes_per_token=stats["bytes"] / max(1, len(train_ids) + len(held_ids)))
         meta["corpus"] = stats
         meta["data_seconds"] = time.time() - t0
+        meta["tokenizer_source"] = str(tok_dir.resolve())
         meta_path.write_text(json.dumps(meta, indent=2))
         log(f"[data] tokenizer + streams ready in {time.time() - t0:.0f}s: {len(train_ids)} train / {len(held_ids)} held-out tokens")
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     hf_tok = AutoTokenizer.from_pretrained(tok_dir)
     arrs = np.load(data_path)
     train_stream = torch.from_numpy(arrs["train"].astype(np.int32))
@@ -740,29 +858,42 @@ def run(args) -> int:
     max_pos = max(1024, args.seq_len)
 
     # 3. target
-    torch.manual_seed(args.seed)
-    target = LlamaForCausalLM(llama_config(V, args.target_hidden, args.target_layers, args.target_heads,
-                                           args.target_kv_heads, args.target_intermediate, eos, max_pos))
-    log(f"[target] {cost_per_token(target)}")
-    tstate = train_stage(Stage("target", target, args.target_lr, args.target_batch, args.target_minutes,
-                               args.target_steps, ce_loss_fn), train_stream, args, log)
+    if args.target_from is not None:
+        target = AutoModelForCausalLM.from_pretrained(args.target_from, dtype=torch.float32)
+        tstate = {"step": 0, "total_steps": 0, "elapsed_s": 0.0, "warmup": 0, "losses": []}
+        log(f"[target] from {args.target_from}: {cost_per_token(target)}")
+    else:
+        torch.manual_seed(args.seed)
+        target = LlamaForCausalLM(llama_config(V, args.target_hidden, args.target_layers, args.target_heads,
+                                               args.target_kv_heads, args.target_intermediate, eos, max_pos))
+        log(f"[target] {cost_per_token(target)}")
+        tstate = train_stage(Stage("target", target, args.target_lr, args.target_batch, args.target_minutes,
+                                   args.target_steps, ce_loss_fn,
+                                   stream_batches(train_stream, "target", args.target_batch, args)), args, log)
     # The teacher is the model as shipped: round weights to bf16.
     target = target.to(torch.bfloat16).to(torch.float32).eval()
     for p in target.parameters():
         p.requires_grad_(False)
 
-    # 4. draft (distilled from the target)
+    # 4. the target's greedy continuations
+    greedy_rows = generate_greedy_rows(target, train_stream, eos, args, log)
+
+    # 5. draft (distilled from the target)
     torch.manual_seed(args.seed + 1)
     draft = LlamaForCausalLM(llama_config(V, args.draft_hidden, args.draft_layers, args.draft_heads,
                                           args.draft_kv_heads, args.draft_intermediate, eos, max_pos))
     dc, tc = cost_per_token(draft), cost_per_token(target)
     log(f"[draft] {dc}; flops ratio draft/target = {dc['flops_per_token'] / tc['flops_per_token']:.4f}")
     dstate = train_stage(Stage("draft", draft, args.draft_lr, args.draft_batch, args.draft_minutes,
-                               args.draft_steps, make_kd_loss_fn(target, args.kd_alpha, args.kd_temperature)),
-                         train_stream, args, log)
+                               args.draft_steps, make_kd_loss_fn(target, args.kd_alpha, args.kd_temperature),
+                               mixed_batches(train_stream, greedy_rows, "draft", args.draft_batch, args)),
+                         args, log)
 
-    # 5. export
-    export_model(target, hf_tok, args.out_dir / "target")
+    # 6. export
+    if args.target_from is None:
+        export_model(target, hf_tok, args.out_dir / "target")
+    elif (args.out_dir / "target").resolve() != args.target_from.resolve():
+        shutil.copytree(args.target_from, args.out_dir / "target", dirs_exist_ok=True)
     export_model(draft, hf_tok, args.out_dir / "draft")
     size = sum(f.stat().st_size for d in ("target", "draft") for f in (args.out_dir / d).iterdir() if f.is_file())
     log(f"[export] wrote {args.out_dir}/target and /draft ({size / 1e6:.2f} MB)")
@@ -773,6 +904,7 @@ def run(args) -> int:
         "draft": {k: dstate[k] for k in ("step", "total_steps", "elapsed_s", "warmup")},
         "target_last_losses": tstate["losses"][-5:],
         "draft_last_losses": dstate["losses"][-5:],
+        "greedy_rows": 0 if greedy_rows is None else list(greedy_rows.shape),
         "export_bytes": size,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -781,7 +913,7 @@ def run(args) -> int:
     log(f"[done] training minutes: target {tstate['elapsed_s'] / 60:.1f}, draft {dstate['elapsed_s'] / 60:.1f};"
         f" this process {(time.time() - t_start) / 60:.1f} min")
 
-    # 6. eval
+    # 7. eval
     if not args.no_eval:
         res = evaluate_pair(args.out_dir, args, log, heldout_stream=held_stream)
         meta["eval"] = {k: v for k, v in res.items()}

@@ -38,6 +38,7 @@ def _args(tmp: Path, corpus: Path, *extra: str):
         "--target-intermediate", "64", "--target-batch", "2", "--target-steps", "4",
         "--draft-hidden", "16", "--draft-layers", "1", "--draft-heads", "2", "--draft-kv-heads", "1",
         "--draft-intermediate", "32", "--draft-batch", "2", "--draft-steps", "3",
+        "--greedy-rows", "3", "--greedy-batch", "2", "--greedy-prefix", "5", "--greedy-new", "6",
         "--warmup-steps", "2", "--threads", "1", "--no-progress", "--no-eval", *extra,
     ])
 
@@ -99,6 +100,43 @@ def test_train_pair_end_to_end_with_resume(tmp_path, monkeypatch):
 
     # A third run finds both stages done and only re-exports.
     assert train_pair.run(_args(tmp_path, corpus)) == 0
+
+
+def test_target_from_trains_only_a_draft_on_the_targets_greedy_rows(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    corpus = _tiny_corpus(tmp_path)
+    assert train_pair.run(_args(tmp_path, corpus)) == 0  # a first pair: its target is the one reused
+    src = tmp_path / "out" / "target"
+    second = tmp_path / "second"
+    args = _args(second, corpus, "--target-from", str(src), "--no-bf16")
+    assert train_pair.run(args) == 0
+    assert not (second / "work" / "target.ckpt.pt").exists()
+    for f in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (second / "out" / "target" / f).read_bytes() == (src / f).read_bytes()
+    assert (second / "out" / "draft" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+    # greedy.pt holds prefix + greedy continuation of the target (eos masked out, as min_new_tokens does)
+    rows = torch.cat(torch.load(second / "work" / "greedy.pt", weights_only=False)["rows"])
+    assert rows.shape == (3, 5 + 6)
+    target = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    for row in rows.tolist():
+        ids = row[:5]
+        with torch.no_grad():
+            for _ in range(6):
+                logits = target(input_ids=torch.tensor([ids])).logits[0, -1]
+                logits[target.config.eos_token_id] = float("-inf")
+                ids.append(int(logits.argmax()))
+        assert ids == row
+
+    # each draft batch: the stream's windows, then greedy rows (a --greedy-fraction of the batch)
+    stream = torch.arange(1000, dtype=torch.int32)
+    parts = train_pair.mixed_batches(stream, rows, "draft", 4, args)(7)
+    assert [tuple(x.shape) for x, _ in parts] == [(2, 32), (2, 10)]
+    assert all(torch.equal(x[:, 1:], y[:, :-1]) for x, y in parts)
+    assert [r.tolist() in rows[:, :-1].tolist() for r in parts[1][0]] == [True, True]
+    again = train_pair.mixed_batches(stream, rows, "draft", 4, args)(7)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(parts, again))  # a resumed run draws the same rows
 
 
 def test_speculation_simulation_self_draft_accepts_everything(tmp_path):
