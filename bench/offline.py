@@ -81,12 +81,7 @@ def add_engine_spec_args(p: argparse.ArgumentParser) -> None:
     but ``--mode``: here ``--modes`` names the modes, and the other flags apply to every one of them."""
     from server.cli import add_spec_args
 
-    every = argparse.ArgumentParser(add_help=False)
-    add_spec_args(every)
-    g = p.add_argument_group("speculation (every mode; @N in --modes overrides gamma or the tree budget)")
-    for action in every._actions:
-        if action.option_strings and "--mode" not in action.option_strings:
-            g._add_action(action)
+    add_spec_args(p, include_mode=False, title="speculation (every mode; @N in --modes overrides gamma or the tree budget)")
 
 
 # --- contenders ---------------------------------------------------------------------------------

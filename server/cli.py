@@ -38,9 +38,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_spec_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("speculation")
-    g.add_argument("--mode", default="chain", choices=["ar", "chain", "tree"], help="ar = plain decoding (no draft)")
+def add_spec_args(p: argparse.ArgumentParser, include_mode: bool = True, title: str = "speculation") -> None:
+    g = p.add_argument_group(title)
+    if include_mode:
+        g.add_argument("--mode", default="chain", choices=["ar", "chain", "tree"], help="ar = plain decoding (no draft)")
     g.add_argument("--draft-tokens", type=int, default=4, help="gamma: draft tokens per step (chain)")
     g.add_argument("--tree-budget", type=int, default=16, help="draft nodes per step below the root (tree)")
     g.add_argument("--tree-depth", type=int, default=6, help="levels below the root (tree)")
