@@ -63,26 +63,53 @@ class LinearCost:
 
 
 class AcceptanceStats:
-    """Per-position acceptance a_i = P(position i accepted | position i-1 accepted), as EMAs."""
+    """Per-position acceptance a_i = P(position i accepted | position i-1 accepted), as EMAs.
+
+    ``weight[i]`` is the share of ``hits[i]`` that observations make up (1 - decay^n after n);
+    the rest is the prior. ``rates`` replaces that prior share by the estimate of the position
+    before: a position the policy has rarely drafted is assumed to behave like the one before it
+    (deeper positions usually accept at least as often), rather than like a fixed prior that would
+    keep the policy from ever drafting there and finding out.
+    """
 
     def __init__(self, positions: int, prior: float = 0.6, decay: float = 0.9):
         self.hits = [prior] * positions
+        self.weight = [0.0] * positions
+        self.prior = prior
         self.decay = decay
 
     def observe(self, drafted: int, accepted: int) -> None:
         # positions 1..accepted were accepted; accepted+1 (if drafted) was rejected
-        for i in range(min(drafted, accepted + 1)):
-            if i >= len(self.hits):
-                break
+        for i in range(min(drafted, accepted + 1, len(self.hits))):
             hit = 1.0 if i < accepted else 0.0
             self.hits[i] = self.decay * self.hits[i] + (1 - self.decay) * hit
+            self.weight[i] = self.decay * self.weight[i] + (1 - self.decay)
+
+    def relax(self, toward: "AcceptanceStats", rate: float) -> None:
+        """Move a fraction ``rate`` of the way to ``toward``: a sequence that stopped drafting
+        observes nothing, so without this one bad stretch would keep it from drafting for good."""
+        for i in range(len(self.hits)):
+            self.hits[i] += rate * (toward.hits[i] - self.hits[i])
+            self.weight[i] += rate * (toward.weight[i] - self.weight[i])
+
+    def rates(self) -> list[float]:
+        out, prev = [], self.prior
+        for h, w in zip(self.hits, self.weight):
+            prev = h + (1.0 - w) * (prev - self.prior)
+            out.append(min(max(prev, 0.0), 1.0))
+        return out
 
     def expected_tokens(self, gamma: int) -> float:
-        total, run = 1.0, 1.0
-        for i in range(min(gamma, len(self.hits))):
-            run *= self.hits[i]
-            total += run
-        return total
+        return self.expected_prefix(gamma)[gamma]
+
+    def expected_prefix(self, gamma: int) -> list[float]:
+        """[E(0), E(1), ..., E(gamma)] (positions past the tracked ones count as never accepted)."""
+        out, run = [1.0], 1.0
+        rates = self.rates()
+        for i in range(gamma):
+            run *= rates[i] if i < len(rates) else 0.0
+            out.append(out[-1] + run)
+        return out
 
 
 class Policy:
@@ -147,19 +174,29 @@ class CostPolicy(Policy):
 
     name = "cost"
 
-    def __init__(self, max_gamma: int = 16, probe_every: int = 32):
+    def __init__(self, max_gamma: int = 16, probe_every: int = 32, relax: float = 0.1, probe_steps: int = 3):
         self.verify = LinearCost()  # one target pass over n tokens
         self.draft = LinearCost()  # one draft pass over n tokens (calibrated)
         self.catch_up = LinearCost()  # the draft phase's first pass and fixed costs (learned online)
-        self.global_stats = AcceptanceStats(max_gamma)
+        # the pair's acceptance over all sequences: slower than a sequence's own, which relaxes
+        # toward it while the sequence is not drafting
+        self.global_stats = AcceptanceStats(max_gamma, decay=0.98)
         self.max_gamma = max_gamma
         self.probe_every = probe_every
+        self.relax = relax
         self.steps = 0
+        # trees: tokens/s of whole steps with and without the tree (unmeasured arms first); the
+        # first step after a switch pays the switch (the draft catching up on what it missed), so
+        # it is not a sample of either arm's rate, and a probe of the other arm lasts probe_steps
         self.tree_steps = 0
-        self.tree_rate = {True: float("inf"), False: float("inf")}  # tokens/s of tree steps; unmeasured arms first
+        self.tree_rate = {True: float("inf"), False: float("inf")}
         self.tree_probe_gap = probe_every
         self.tree_next_probe = probe_every
-        self._probing: bool | None = None  # the arm a probe step left, until its rate is observed
+        self.probe_steps = probe_steps
+        self._probe_left = 0
+        self._probing: bool | None = None  # the arm a probe left
+        self._probe_sum = [0, 0.0]  # tokens, seconds measured during the probe
+        self._last_arm: bool | None = None
 
     def calibrated(self) -> bool:
         return self.verify.a + self.verify.b > 0
@@ -168,6 +205,7 @@ class CostPolicy(Policy):
         if "acceptance" not in seq.policy_state:
             stats = AcceptanceStats(self.max_gamma)
             stats.hits = list(self.global_stats.hits)
+            stats.weight = list(self.global_stats.weight)
             seq.policy_state["acceptance"] = stats
         return seq.policy_state["acceptance"]
 
@@ -187,10 +225,10 @@ class CostPolicy(Policy):
         predicted tokens per second of the whole step improve."""
         self.steps += 1
         caps = [min(self.max_gamma, c, l) for c, l in zip(configured, limits)]
-        stats = [self._stats(s) for s in seqs]
+        expected = [self._stats(s).expected_prefix(cap) for s, cap in zip(seqs, caps)]
 
         def rate(gammas: list[int]) -> float:
-            return sum(st.expected_tokens(g) for st, g in zip(stats, gammas)) / max(self.step_time(gammas), 1e-9)
+            return sum(e[g] for e, g in zip(expected, gammas)) / max(self.step_time(gammas), 1e-9)
 
         gammas = max(([min(g, c) for c in caps] for g in range(max(caps, default=0) + 1)), key=rate)
         best = rate(gammas)
@@ -207,6 +245,9 @@ class CostPolicy(Policy):
                             break
         if self.steps % self.probe_every == 0:  # keep acceptance estimates alive where we stopped drafting
             gammas = [max(g, min(1, cap)) for g, cap in zip(gammas, caps)]
+        for s, g in zip(seqs, gammas):
+            if g == 0:
+                self._stats(s).relax(self.global_stats, self.relax)
         return gammas
 
     def observe(self, seq, drafted, accepted):
@@ -217,24 +258,38 @@ class CostPolicy(Policy):
     def plan_trees(self, seqs, configured, limits):
         """Trees: the configured budget or plain decoding, whichever has measured more tokens per
         second (a tree step's cost, its construction included, is measured rather than modelled);
-        the other arm is probed after ``tree_probe_gap`` tree steps, a gap that doubles (up to 512)
-        while probes confirm the choice: a probe of a losing tree arm costs several plain steps."""
+        the other arm is probed for ``probe_steps`` steps after ``tree_probe_gap`` tree steps, a gap
+        that doubles (up to 512) while probes confirm the choice: a probe of a losing tree arm costs
+        several plain steps. The first step after a switch is not counted for either arm: it pays
+        for the switch (the draft catching up on the tokens it did not draft)."""
         self.tree_steps += 1
         on = self.tree_rate[True] >= self.tree_rate[False]
-        if self.tree_steps >= self.tree_next_probe:
-            self._probing = on
-            on = not on
+        if self._probe_left == 0 and self.tree_steps >= self.tree_next_probe and float("inf") not in self.tree_rate.values():
+            self._probing, self._probe_left, self._probe_sum = on, self.probe_steps, [0, 0.0]
+        if self._probe_left:
+            on = not self._probing
         return [min(c, l) if on else 0 for c, l in zip(configured, limits)]
 
     def observe_rate(self, speculated, tokens, seconds):
+        switched = self._last_arm is not None and speculated != self._last_arm
+        self._last_arm = speculated
+        if self._probe_left:
+            self._probe_left -= 1
+            if not switched:
+                self._probe_sum[0] += tokens
+                self._probe_sum[1] += seconds
+            if self._probe_left == 0:  # the probe's own rate replaces the arm's stale one
+                if self._probe_sum[1] > 0:
+                    self.tree_rate[not self._probing] = self._probe_sum[0] / self._probe_sum[1]
+                kept = (self.tree_rate[True] >= self.tree_rate[False]) == self._probing
+                self.tree_probe_gap = min(512, self.tree_probe_gap * 2) if kept else self.probe_every
+                self.tree_next_probe = self.tree_steps + self.tree_probe_gap
+            return
+        if switched:
+            return
         old = self.tree_rate[speculated]
         rate = tokens / max(seconds, 1e-9)
         self.tree_rate[speculated] = rate if old == float("inf") else 0.8 * old + 0.2 * rate
-        if self._probing is not None:  # that step was a probe: back off while the choice holds
-            kept = (self.tree_rate[True] >= self.tree_rate[False]) == self._probing
-            self.tree_probe_gap = min(512, self.tree_probe_gap * 2) if kept else self.probe_every
-            self.tree_next_probe = self.tree_steps + self.tree_probe_gap
-            self._probing = None
 
     def observe_step(self, verify_tokens, verify_seconds, draft_passes, draft_seconds):
         self.verify.observe(verify_tokens, verify_seconds)

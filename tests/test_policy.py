@@ -1,5 +1,7 @@
 """Draft-length policies: the cost model's decisions, and losslessness under every policy."""
 
+import random
+
 import pytest
 
 from drafting.policy import AcceptanceStats, CostPolicy, HeuristicPolicy, LinearCost, make_policy
@@ -127,12 +129,58 @@ def test_cost_policy_for_trees_keeps_the_faster_arm_and_probes_the_other():
     p.probe_every = 10
     s = Seq()
     assert p.plan_trees([s], [16], [16]) == [16]  # unmeasured: try trees first
-    for _ in range(5):
-        p.observe_rate(True, 3, 0.020)  # 150 tokens/s with trees
-        p.observe_rate(False, 1, 0.005)  # 200 tokens/s without
+    p.observe_rate(True, 3, 0.020)  # 150 tokens/s with trees
+    assert p.plan_trees([s], [16], [16]) == [0]  # then the other arm, until it is measured
+    p.observe_rate(False, 1, 0.050)  # the switch step (catch-up etc.) is not a sample of plain decoding
+    assert p.plan_trees([s], [16], [16]) == [0]
+    p.observe_rate(False, 1, 0.005)  # 200 tokens/s without
     plans = []
     for _ in range(200):
         plans.append(p.plan_trees([s], [16], [16])[0])
         p.observe_rate(plans[-1] > 0, 3 if plans[-1] else 1, 0.020 if plans[-1] else 0.005)
-    assert 2 <= plans.count(16) <= 5  # probes at gaps 10, 20, 40, 80: backing off while trees keep losing
-    assert plans[:1] == [0] and plans.count(0) >= 195
+    assert plans.count(0) >= 185 and plans[:5] == [0] * 5
+    runs = "".join("T" if x else "." for x in plans).split(".")
+    assert {len(r) for r in runs if r} == {3}  # probes of 3 steps, backing off while trees keep losing
+    assert 2 <= sum(1 for r in runs if r) <= 5
+
+
+def test_cost_policy_for_trees_does_not_charge_the_switch_to_the_tree():
+    # steady tree steps make 200 tokens/s against 150 for plain ones, but the step after every
+    # switch costs 10x: counted as a tree sample it would make every probe look like a loss
+    p = cost_policy(alpha=0.5)
+    p.probe_every = 8
+    s, plans, last = Seq(), [], None
+    for _ in range(120):
+        on = p.plan_trees([s], [16], [16])[0] > 0
+        cost = (0.015 if on else 0.0067) * (10 if last is not None and on != last else 1)
+        p.observe_rate(on, 3 if on else 1, cost)
+        plans.append(on)
+        last = on
+    assert sum(plans[20:]) >= 0.9 * len(plans[20:])
+
+
+def test_rarely_drafted_positions_borrow_from_the_position_before():
+    s = AcceptanceStats(8, prior=0.6)
+    for _ in range(50):
+        s.observe(drafted=1, accepted=1)  # only position 1 ever drafted: always accepted
+    rates = s.rates()
+    assert rates[0] > 0.99 and all(r > 0.99 for r in rates[1:])  # not the 0.6 prior
+    for _ in range(50):
+        s.observe(drafted=3, accepted=1)  # position 2 now observed: always rejected
+    rates = s.rates()
+    assert rates[1] < 0.01 and rates[2] < 0.01  # position 3 borrows from position 2
+
+
+def test_a_sequence_that_stopped_drafting_comes_back_when_the_pair_accepts_well():
+    p = cost_policy(alpha=0.85)
+    p.global_stats.weight = [1.0] * p.max_gamma
+    s = Seq()
+    for _ in range(20):
+        p._stats(s).observe(drafted=4, accepted=0)  # a stretch where nothing is accepted
+    rng, plans = random.Random(0), []
+    for _ in range(40):
+        g = p.plan([s], [8], [8])[0]
+        accepted = next((i for i in range(g) if rng.random() > 0.85), g)  # the draft is good again
+        p.observe(s, g, accepted)
+        plans.append(g)
+    assert plans[0] == 0 and max(plans[-10:]) >= 4  # relaxes toward the pair's acceptance and drafts again
