@@ -10,6 +10,9 @@
   (b) a linear cost model of a verify pass of n tokens and a draft pass of n tokens, calibrated at
   start-up and refitted online from measured step times. Gamma 0 (plain decoding) wins whenever
   speculation does not pay: a poor draft, a verify pass that costs too much, a large batch.
+  Whether to speculate at all is then checked against measurement: per batch-size bucket, the
+  tokens/s of steps that drafted and of steps that did not (drafting/arms.py); where plain steps
+  are faster, plain decoding runs and speculation is only probed.
 
 Every policy only decides *how much* to draft, before the tokens are drawn (or, for
 ``confidence``, whether a kept token gets a successor), so all of them stay lossless.
@@ -20,10 +23,13 @@ Expected tokens of a chain with per-position acceptance a_1..a_g (algorithms.md 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
+
+from drafting.arms import MeasuredArms
 
 POLICIES = ("none", "heuristic", "confidence", "cost")
 
@@ -135,8 +141,12 @@ class Policy:
         """Tree budgets; by default the same rule as chains."""
         return self.plan(seqs, configured, limits)
 
+    def start_step(self) -> None:
+        """A step's planning begins (before ``plan`` / ``plan_trees``)."""
+
     def observe_rate(self, speculated: bool, tokens: int, seconds: float) -> None:
-        """Tokens emitted and seconds spent by a whole step with tree sequences in it."""
+        """Tokens emitted and seconds spent (draft + verify + commit) by the whole step that was
+        planned last, and whether it drafted anything."""
 
 
 class HeuristicPolicy(Policy):
@@ -169,6 +179,12 @@ class ConfidencePolicy(Policy):
         return top < self.min_confidence or entropy > self.max_entropy
 
 
+def batch_bucket(n: int) -> int:
+    """Batch sizes that share measured arms: round(log2 n), so 1 | 2 | 3-5 | 6-11 | 12-22 | 23-45 ...
+    (a server at 16 clients runs 14-16 sequences: one bucket, not two that take turns)."""
+    return round(math.log2(max(n, 1)))
+
+
 class CostPolicy(Policy):
     """Maximise expected tokens per second of the whole step."""
 
@@ -185,18 +201,13 @@ class CostPolicy(Policy):
         self.probe_every = probe_every
         self.relax = relax
         self.steps = 0
-        # trees: tokens/s of whole steps with and without the tree (unmeasured arms first); the
-        # first step after a switch pays the switch (the draft catching up on what it missed), so
-        # it is not a sample of either arm's rate, and a probe of the other arm lasts probe_steps
-        self.tree_steps = 0
-        self.tree_rate = {True: float("inf"), False: float("inf")}
-        self.tree_probe_gap = probe_every
-        self.tree_next_probe = probe_every
+        # whether to speculate at all is measured, not modelled: trees have one pair of arms (a
+        # tree step's cost, its construction included, is measured rather than modelled), chains
+        # one per batch-size bucket, checking the model's plan (drafting/arms.py)
         self.probe_steps = probe_steps
-        self._probe_left = 0
-        self._probing: bool | None = None  # the arm a probe left
-        self._probe_sum = [0, 0.0]  # tokens, seconds measured during the probe
-        self._last_arm: bool | None = None
+        self.tree_arms: MeasuredArms | None = None  # made at the first tree step
+        self.chain_arms: dict[int, MeasuredArms] = {}
+        self._used: list[MeasuredArms] = []  # the arms that chose this step's plan
 
     def calibrated(self) -> bool:
         return self.verify.a + self.verify.b > 0
@@ -220,11 +231,26 @@ class CostPolicy(Policy):
         return t
 
     def plan(self, seqs, configured, limits):
+        """The model's plan (``model_plan``) where the measured arms of this batch size say that
+        speculating pays, else plain decoding."""
+        self.steps += 1
+        caps = [min(self.max_gamma, c, l) for c, l in zip(configured, limits)]
+        arms = self.chain_arms.setdefault(batch_bucket(len(seqs)), MeasuredArms(self.probe_every, self.probe_steps))
+        self._used.append(arms)
+        gammas = [0] * len(seqs)
+        if arms.choose():
+            gammas = self.model_plan(seqs, caps)
+            if self.steps % self.probe_every == 0:  # keep acceptance estimates alive where we stopped drafting
+                gammas = [max(g, min(1, cap)) for g, cap in zip(gammas, caps)]
+        for s, g in zip(seqs, gammas):
+            if g == 0:
+                self._stats(s).relax(self.global_stats, self.relax)
+        return gammas
+
+    def model_plan(self, seqs, caps: Sequence[int]) -> list[int]:
         """Scan one gamma shared by the batch (expected tokens are not concave in gamma: gamma 1 can
         lose to plain decoding while gamma 4 wins), then move single sequences by +-1 while the
         predicted tokens per second of the whole step improve."""
-        self.steps += 1
-        caps = [min(self.max_gamma, c, l) for c, l in zip(configured, limits)]
         expected = [self._stats(s).expected_prefix(cap) for s, cap in zip(seqs, caps)]
 
         def rate(gammas: list[int]) -> float:
@@ -243,11 +269,6 @@ class CostPolicy(Policy):
                         if r > best * (1 + 1e-6):
                             gammas, best, improved = trial, r, True
                             break
-        if self.steps % self.probe_every == 0:  # keep acceptance estimates alive where we stopped drafting
-            gammas = [max(g, min(1, cap)) for g, cap in zip(gammas, caps)]
-        for s, g in zip(seqs, gammas):
-            if g == 0:
-                self._stats(s).relax(self.global_stats, self.relax)
         return gammas
 
     def observe(self, seq, drafted, accepted):
@@ -257,39 +278,20 @@ class CostPolicy(Policy):
 
     def plan_trees(self, seqs, configured, limits):
         """Trees: the configured budget or plain decoding, whichever has measured more tokens per
-        second (a tree step's cost, its construction included, is measured rather than modelled);
-        the other arm is probed for ``probe_steps`` steps after ``tree_probe_gap`` tree steps, a gap
-        that doubles (up to 512) while probes confirm the choice: a probe of a losing tree arm costs
-        several plain steps. The first step after a switch is not counted for either arm: it pays
-        for the switch (the draft catching up on the tokens it did not draft)."""
-        self.tree_steps += 1
-        on = self.tree_rate[True] >= self.tree_rate[False]
-        if self._probe_left == 0 and self.tree_steps >= self.tree_next_probe and float("inf") not in self.tree_rate.values():
-            self._probing, self._probe_left, self._probe_sum = on, self.probe_steps, [0, 0.0]
-        if self._probe_left:
-            on = not self._probing
+        second (MeasuredArms: the other arm is probed now and then; a switch step counts for neither)."""
+        if self.tree_arms is None:
+            self.tree_arms = MeasuredArms(self.probe_every, self.probe_steps)
+        self._used.append(self.tree_arms)
+        on = self.tree_arms.choose()
         return [min(c, l) if on else 0 for c, l in zip(configured, limits)]
 
+    def start_step(self):
+        self._used = []
+
     def observe_rate(self, speculated, tokens, seconds):
-        switched = self._last_arm is not None and speculated != self._last_arm
-        self._last_arm = speculated
-        if self._probe_left:
-            self._probe_left -= 1
-            if not switched:
-                self._probe_sum[0] += tokens
-                self._probe_sum[1] += seconds
-            if self._probe_left == 0:  # the probe's own rate replaces the arm's stale one
-                if self._probe_sum[1] > 0:
-                    self.tree_rate[not self._probing] = self._probe_sum[0] / self._probe_sum[1]
-                kept = (self.tree_rate[True] >= self.tree_rate[False]) == self._probing
-                self.tree_probe_gap = min(512, self.tree_probe_gap * 2) if kept else self.probe_every
-                self.tree_next_probe = self.tree_steps + self.tree_probe_gap
-            return
-        if switched:
-            return
-        old = self.tree_rate[speculated]
-        rate = tokens / max(seconds, 1e-9)
-        self.tree_rate[speculated] = rate if old == float("inf") else 0.8 * old + 0.2 * rate
+        for arms in self._used:
+            arms.observe(speculated, tokens, seconds)
+        self._used = []
 
     def observe_step(self, verify_tokens, verify_seconds, draft_passes, draft_seconds):
         self.verify.observe(verify_tokens, verify_seconds)

@@ -105,6 +105,8 @@ class Engine:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hedgerow-target")
             self._target_stream = torch.cuda.Stream(target.device) if target.device.type == "cuda" else None
         self.times = StepTimes()
+        self._busy_since: float | None = None  # end of the last step, while requests remained
+        self._between = 0.0  # seconds the caller spent between that step and this one
         self.last_step_phases: dict[str, float] = {}
         if isinstance(self.policy, CostPolicy) and draft is not None:
             self.calibrate()
@@ -152,6 +154,7 @@ class Engine:
         """One step over the running batch. A failure fails only the requests it comes from: the
         batch is retried one sequence at a time (a failed pass never touches committed KV rows)."""
         t0 = time.perf_counter()
+        self._between = t0 - self._busy_since if self._busy_since is not None else 0.0
         admitted = self.scheduler.admit()
         outputs: list[StepOutput] = []
         if admitted:
@@ -168,6 +171,7 @@ class Engine:
         phases = {"prefill": time.perf_counter() - t0}
         batch = list(self.scheduler.running)
         if not batch:
+            self._busy_since = None
             return outputs
         try:
             outputs += self._step(batch, phases)
@@ -182,6 +186,7 @@ class Engine:
         for k, v in phases.items():
             self.times.add(k, v)
         self.last_step_phases = phases
+        self._busy_since = time.perf_counter() if self.has_work() else None
         return outputs
 
     def _step(self, batch: list[Sequence], phases: dict[str, float]) -> list[StepOutput]:
@@ -210,12 +215,11 @@ class Engine:
         self.policy.observe_step(
             int(flat.num_nodes.sum()), phases["verify"], self.drafter.passes if self.drafter else [], phases["draft"]
         )
-        if any(s.spec.mode is SpecMode.TREE for s in batch):
-            self.policy.observe_rate(
-                any(t.num_draft_tokens for t in trees),
-                sum(len(o.token_ids) for o in outputs),
-                phases["draft"] + phases["verify"] + phases["commit"],
-            )
+        self.policy.observe_rate(  # measured tokens/s of speculating vs plain steps (drafting/arms.py)
+            any(t.num_draft_tokens for t in trees),
+            sum(len(o.token_ids) for o in outputs),
+            phases["draft"] + phases["verify"] + phases["commit"] + self._between,
+        )
         return outputs
 
     def _verify(self, batch: list[Sequence], trees: list[DraftTree], flat) -> list[Acceptance]:
@@ -278,6 +282,7 @@ class Engine:
     def _propose(self, batch: list[Sequence]) -> list[DraftTree]:
         """Per mode: the policy sizes each sequence's draft within its limits, the proposer drafts."""
         trees = [DraftTree.root_only(s.tokens[-1]) for s in batch]
+        self.policy.start_step()
         self._chain_logits: list = [None] * len(batch)  # draft logits of each chain's last token, for hedging
         for mode in (SpecMode.CHAIN, SpecMode.TREE):
             idx = [i for i, s in enumerate(batch) if s.spec.mode is mode]

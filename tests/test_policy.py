@@ -184,3 +184,41 @@ def test_a_sequence_that_stopped_drafting_comes_back_when_the_pair_accepts_well(
         p.observe(s, g, accepted)
         plans.append(g)
     assert plans[0] == 0 and max(plans[-10:]) >= 4  # relaxes toward the pair's acceptance and drafts again
+
+
+def test_cost_policy_for_chains_falls_to_plain_decoding_where_measured_steps_say_so():
+    # the model is sure gamma 4 pays (cheap draft, high acceptance) but the machine disagrees:
+    # measured, a speculating step of 16 sequences makes 30 tokens in 40 ms, a plain one 16 in 15 ms
+    p = cost_policy(alpha=0.8)
+    p.probe_every = 16
+    seqs = [Seq(str(i)) for i in range(16)]
+    plans = []
+    for _ in range(300):
+        p.start_step()
+        on = any(p.plan(seqs, [4] * 16, [4] * 16))
+        p.observe_rate(on, 30 if on else 16, 0.040 if on else 0.015)
+        plans.append(on)
+    assert plans[0] and sum(plans[100:]) <= 0.05 * 200  # probes only, and they back off
+    # a batch of one is another bucket, measured on its own: there the model's plan still runs
+    assert p.plan([Seq("single")], [4], [4])[0] >= 3
+
+
+def test_cost_policy_for_chains_keeps_speculating_where_it_pays_despite_noisy_steps():
+    # speculating steps emit 1..5 tokens (mean 3.4) in 18 ms, plain ones 1 in 7.5 ms (133 tok/s):
+    # single unlucky steps (1 token in 18 ms = 56 tok/s) must not turn speculation off
+    p = cost_policy(alpha=0.8)
+    s, rng, plans = Seq(), random.Random(0), []
+    for _ in range(400):
+        p.start_step()
+        on = p.plan([s], [4], [4])[0] > 0
+        p.observe_rate(on, rng.choice([1, 1, 2, 5, 5, 5, 5]) if on else 1, 0.018 if on else 0.0075)
+        plans.append(on)
+    assert sum(plans) >= 0.9 * len(plans)
+
+
+def test_batch_buckets_keep_a_serving_batch_in_one_bucket():
+    from drafting.policy import batch_bucket
+
+    assert len({batch_bucket(n) for n in range(12, 23)}) == 1  # 16 clients: 14-16 running
+    assert len({batch_bucket(n) for n in (3, 4, 5)}) == 1
+    assert batch_bucket(1) != batch_bucket(2) != batch_bucket(4) != batch_bucket(16)
