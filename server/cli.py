@@ -29,8 +29,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=2048, help="context per sequence, prompt included")
     g.add_argument(
         "--cpu-threads", type=int, default=None,
-        help="torch threads for CPU inference (default: torch's, one per core); on a shared machine fewer "
-        "threads avoid OpenMP oversubscription",
+        help="torch threads for CPU inference (default: torch's, one per core; `hedgerow serve`: one core "
+        "fewer, left to the gRPC threads); on a shared machine fewer threads avoid OpenMP oversubscription",
     )
     g.add_argument(
         "--attention-backend", default="auto", choices=["auto", "reference", "cuda"],

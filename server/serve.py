@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 
@@ -48,11 +49,24 @@ def _check(args) -> None:
         raise HedgerowError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
 
 
+def default_cpu_threads(args) -> int | None:
+    """Torch threads when a model runs on the CPU: one core fewer than the process may use, left
+    to the gRPC and streaming threads. With every core in torch's OpenMP pool, each small kernel of
+    a drafting step waits for a thread the server has descheduled (bench/RESULTS.md: `serve_grpc_cost`
+    against `serve_grpc_cost_threads2`)."""
+    if "cpu" not in (args.target_device, args.draft_device or args.target_device):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def run(args) -> int:
     from server.grpc_service import ServiceConfig
     from server.metrics import Metrics
 
     _check(args)
+    if args.cpu_threads is None:
+        args.cpu_threads = default_cpu_threads(args)
     target, draft = resolve_models(args)
     engine, tokenizer = build_engine(args)
     config = ServiceConfig(target_name=target, draft_name=draft or "", default_max_new_tokens=args.max_new_tokens)

@@ -539,3 +539,17 @@ def test_serve_refuses_bad_flags(capsys):
                            (["--max-queue", "0"], "--max-queue"), (["--metrics-port", "-1"], "--metrics-port")):
         assert main(["serve", "--mode", "ar", "--target", "/nonexistent", *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_serve_leaves_a_core_to_the_grpc_threads_on_cpu(monkeypatch):
+    import argparse
+
+    from server.serve import default_cpu_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    args = argparse.Namespace(target_device="cpu", draft_device=None)
+    assert default_cpu_threads(args) == 7
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_cpu_threads(args) == 1
+    assert default_cpu_threads(argparse.Namespace(target_device="cuda:0", draft_device="cuda:1")) is None
+    assert default_cpu_threads(argparse.Namespace(target_device="cuda:0", draft_device="cpu")) == 1
