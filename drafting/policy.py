@@ -10,9 +10,10 @@
   (b) a linear cost model of a verify pass of n tokens and a draft pass of n tokens, calibrated at
   start-up and refitted online from measured step times. Gamma 0 (plain decoding) wins whenever
   speculation does not pay: a poor draft, a verify pass that costs too much, a large batch.
-  Whether to speculate at all is then checked against measurement: per batch-size bucket, the
-  tokens/s of steps that drafted and of steps that did not (drafting/arms.py); where plain steps
-  are faster, plain decoding runs and speculation is only probed.
+  The model is held to the clock: per batch-size bucket, the measured / predicted seconds of
+  steps that drafted and of plain steps scale its predictions (whatever the linear costs leave
+  out: commit, streaming, threads contending for cores). Trees (whose cost is not modelled)
+  compare the measured tokens/s of tree and plain steps instead (drafting/arms.py).
 
 Every policy only decides *how much* to draft, before the tokens are drawn (or, for
 ``confidence``, whether a kept token gets a successor), so all of them stay lossless.
@@ -180,7 +181,7 @@ class ConfidencePolicy(Policy):
 
 
 def batch_bucket(n: int) -> int:
-    """Batch sizes that share measured arms: round(log2 n), so 1 | 2 | 3-5 | 6-11 | 12-22 | 23-45 ...
+    """Batch sizes that share measured step-time scales: round(log2 n), so 1 | 2 | 3-5 | 6-11 | 12-22 | 23-45 ...
     (a server at 16 clients runs 14-16 sequences: one bucket, not two that take turns)."""
     return round(math.log2(max(n, 1)))
 
@@ -201,12 +202,21 @@ class CostPolicy(Policy):
         self.probe_every = probe_every
         self.relax = relax
         self.steps = 0
-        # whether to speculate at all is measured, not modelled: trees have one pair of arms (a
-        # tree step's cost, its construction included, is measured rather than modelled), chains
-        # one per batch-size bucket, checking the model's plan (drafting/arms.py)
+        # the model against the clock, per batch-size bucket: measured / predicted seconds of steps
+        # that drafted and of plain steps (commit, scheduling, streaming, threads contending: all
+        # that the two linear costs leave out); a plain step runs now and then to keep its scale
+        # measured while speculation wins
+        self.scale: dict[int, dict[bool, float | None]] = {}  # None: not measured yet (1.0)
+        self.scale_decay = 0.9
+        self.scale_relax = 0.005  # per step, toward 1.0, of the kind of step not taken
+        self.plain_every = 64  # at most this many steps between plain steps; 8 at first, doubling
+        self._plain_gap: dict[int, int] = {}
+        self._last_plain: dict[int, int] = {}
+        self._predicted: tuple[dict[bool, float], bool, float] | None = None
+        # trees: whether to speculate is measured, not modelled (a tree step's cost, its
+        # construction included, is measured rather than modelled; drafting/arms.py)
         self.probe_steps = probe_steps
         self.tree_arms: MeasuredArms | None = None  # made at the first tree step
-        self.chain_arms: dict[int, MeasuredArms] = {}
         self._used: list[MeasuredArms] = []  # the arms that chose this step's plan
 
     def calibrated(self) -> bool:
@@ -231,30 +241,49 @@ class CostPolicy(Policy):
         return t
 
     def plan(self, seqs, configured, limits):
-        """The model's plan (``model_plan``) where the measured arms of this batch size say that
-        speculating pays, else plain decoding."""
+        """The model's plan, its step times scaled by what this batch size has measured."""
         self.steps += 1
         caps = [min(self.max_gamma, c, l) for c, l in zip(configured, limits)]
-        arms = self.chain_arms.setdefault(batch_bucket(len(seqs)), MeasuredArms(self.probe_every, self.probe_steps))
-        self._used.append(arms)
-        gammas = [0] * len(seqs)
-        if arms.choose():
-            gammas = self.model_plan(seqs, caps)
-            if self.steps % self.probe_every == 0:  # keep acceptance estimates alive where we stopped drafting
-                gammas = [max(g, min(1, cap)) for g, cap in zip(gammas, caps)]
+        bucket = batch_bucket(len(seqs))
+        scale = self.scale.setdefault(bucket, {True: None, False: None})
+        gammas = self.model_plan(seqs, caps, scale)
+        probe = None
+        if self.steps % self.probe_every == 0:
+            # keep acceptance estimates alive where drafting stopped: the sequence that has gone
+            # longest without drafting drafts one token (one, so that a large batch that stopped
+            # for cost does not pay every sequence's catch-up at once)
+            idle = [i for i, (g, cap) in enumerate(zip(gammas, caps)) if g == 0 and cap > 0]
+            if idle:
+                probe = min(idle, key=lambda i: seqs[i].policy_state.get("drafted_at", 0))
+                gammas[probe] = 1
+        elif any(gammas) and self.steps - self._last_plain.setdefault(bucket, self.steps) >= self._plain_gap.get(bucket, 8):
+            gammas = [0] * len(gammas)  # keep the plain step's scale measured
+            self._plain_gap[bucket] = min(self.plain_every, 2 * self._plain_gap.get(bucket, 8))
+        if not any(gammas):
+            self._last_plain[bucket] = self.steps
+        other = not any(gammas)  # the kind of step not run now relaxes toward the model, so that
+        if scale[other] is not None:  # one bad measurement cannot rule it out for good
+            scale[other] += self.scale_relax * (1.0 - scale[other])
+        # a probe step is no sample of the plan's cost (its catch-up is a switch's)
+        self._predicted = None if probe is not None else (scale, any(gammas), self.step_time(gammas))
         for s, g in zip(seqs, gammas):
             if g == 0:
                 self._stats(s).relax(self.global_stats, self.relax)
+            else:
+                s.policy_state["drafted_at"] = self.steps
         return gammas
 
-    def model_plan(self, seqs, caps: Sequence[int]) -> list[int]:
+    def model_plan(self, seqs, caps: Sequence[int], scale: dict[bool, float] | None = None) -> list[int]:
         """Scan one gamma shared by the batch (expected tokens are not concave in gamma: gamma 1 can
         lose to plain decoding while gamma 4 wins), then move single sequences by +-1 while the
-        predicted tokens per second of the whole step improve."""
+        predicted tokens per second of the whole step improve. ``scale``: measured / predicted
+        seconds of drafting and of plain steps."""
         expected = [self._stats(s).expected_prefix(cap) for s, cap in zip(seqs, caps)]
+        scale = {k: 1.0 if v is None else v for k, v in (scale or {}).items()} or {True: 1.0, False: 1.0}
 
         def rate(gammas: list[int]) -> float:
-            return sum(e[g] for e, g in zip(expected, gammas)) / max(self.step_time(gammas), 1e-9)
+            seconds = self.step_time(gammas) * scale[any(gammas)]
+            return sum(e[g] for e, g in zip(expected, gammas)) / max(seconds, 1e-9)
 
         gammas = max(([min(g, c) for c in caps] for g in range(max(caps, default=0) + 1)), key=rate)
         best = rate(gammas)
@@ -287,11 +316,18 @@ class CostPolicy(Policy):
 
     def start_step(self):
         self._used = []
+        self._predicted = None
 
     def observe_rate(self, speculated, tokens, seconds):
         for arms in self._used:
             arms.observe(speculated, tokens, seconds)
         self._used = []
+        if self._predicted is not None:
+            scale, planned, predicted = self._predicted
+            self._predicted = None
+            if planned == speculated and predicted > 0:  # not when every chain stopped before drafting
+                d, old = self.scale_decay, scale[speculated]
+                scale[speculated] = seconds / predicted if old is None else d * old + (1 - d) * seconds / predicted
 
     def observe_step(self, verify_tokens, verify_seconds, draft_passes, draft_seconds):
         self.verify.observe(verify_tokens, verify_seconds)
