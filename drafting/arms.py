@@ -1,13 +1,14 @@
 """Measured arms: speculate or decode plainly, whichever has *measured* more tokens per second.
 
-A cost model predicts; this checks. Each step runs one of two arms (speculating, or plain decoding)
-and reports the tokens it emitted and the seconds it took: draft + verify + commit, and the time
-the caller spent between two busy steps (a server streams every step's tokens: a cost per step
-that favours fewer, longer steps); prefill is no property of either arm. The arm with the higher smoothed rate runs; the other is probed for
-``probe_steps`` steps after a gap of ``probe_every`` steps, a gap that doubles (up to ``max_gap``)
-while probes confirm the choice, so a losing arm costs a few steps in hundreds. Each arm's rate is
-the ratio of its tokens to its seconds, both summed with weights that fade every step, so a fresh
-probe outweighs what an arm measured long ago.
+Used for trees, whose cost is measured rather than modelled. Each step runs one of two arms
+(speculating, or plain decoding) and reports the tokens it emitted and the seconds it took: draft
++ verify + commit, and the time the caller spent between two busy steps (a server streams every
+step's tokens: a cost per step that favours fewer, longer steps); prefill is no property of
+either arm. The arm with the higher rate runs; the other is probed for ``probe_steps`` steps
+after a gap of ``probe_every`` steps, a gap that doubles (up to ``max_gap``) while probes confirm
+the choice, so a losing arm costs a few steps in hundreds. Each arm's rate is the ratio of its
+tokens to its seconds, both summed with weights that fade every step, so a fresh probe outweighs
+what an arm measured long ago.
 
 The first step after a switch is no sample of either arm: it pays for the switch (the draft
 catching up on the tokens it did not draft), and charging it to the arm switched to would make
