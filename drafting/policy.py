@@ -208,7 +208,7 @@ class CostPolicy(Policy):
         # measured while speculation wins
         self.scale: dict[int, dict[bool, float | None]] = {}  # None: not measured yet (1.0)
         self.scale_decay = 0.9
-        self.scale_relax = 0.005  # per step, toward 1.0, of the kind of step not taken
+        self.scale_relax = 0.005  # per step and per sequence, toward 1.0, of the kind of step not taken
         self.plain_every = 64  # at most this many steps between plain steps; 8 at first, doubling
         self._plain_gap: dict[int, int] = {}
         self._last_plain: dict[int, int] = {}
@@ -261,9 +261,12 @@ class CostPolicy(Policy):
             self._plain_gap[bucket] = min(self.plain_every, 2 * self._plain_gap.get(bucket, 8))
         if not any(gammas):
             self._last_plain[bucket] = self.steps
-        other = not any(gammas)  # the kind of step not run now relaxes toward the model, so that
-        if scale[other] is not None:  # one bad measurement cannot rule it out for good
-            scale[other] += self.scale_relax * (1.0 - scale[other])
+        # the kind of step not run now relaxes toward the model, so that one bad measurement cannot
+        # rule it out for good; the slower the larger the batch, since going back to drafting
+        # costs every sequence's catch-up at once
+        other = not any(gammas)
+        if scale[other] is not None:
+            scale[other] += self.scale_relax / len(seqs) * (1.0 - scale[other])
         # a probe step is no sample of the plan's cost (its catch-up is a switch's)
         self._predicted = None if probe is not None else (scale, any(gammas), self.step_time(gammas))
         for s, g in zip(seqs, gammas):

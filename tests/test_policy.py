@@ -216,8 +216,16 @@ def test_cost_policy_for_chains_falls_to_plain_decoding_where_measured_steps_say
     # machine's drafting steps take 3x what it predicts (plain ones what it predicts)
     p = cost_policy(alpha=0.8)
     seqs = [Seq(str(i)) for i in range(16)]
-    plans = run_chains(p, seqs, 300, 3.0, 1.0)
-    assert plans[0] and sum(plans[100:]) <= 200 // p.probe_every + 1  # only the keep-alive probes
+    plans = []
+    for _ in range(1000):
+        p.start_step()
+        gammas = p.plan(seqs, [4] * 16, [4] * 16)
+        p.observe_rate(any(gammas), 16, p.step_time(gammas) * (3.0 if any(gammas) else 1.0))
+        plans.append(sum(gammas))
+    assert plans[0] > 1
+    # after learning, only keep-alive probes (one sequence, one token): going back to drafting
+    # with the whole batch would cost every sequence's catch-up
+    assert max(plans[100:]) == 1 and plans[100:].count(1) <= 900 // p.probe_every + 1
     # a batch of one is another bucket, measured on its own: there the model's plan still runs
     assert p.plan([Seq("single")], [4], [4])[0] >= 3
 
