@@ -215,7 +215,7 @@ class Engine:
         self.policy.observe_step(
             int(flat.num_nodes.sum()), phases["verify"], self.drafter.passes if self.drafter else [], phases["draft"]
         )
-        self.policy.observe_rate(  # measured tokens/s of speculating vs plain steps (drafting/arms.py)
+        self.policy.observe_rate(  # the step's measured cost: the cost policy's clock (chain scales, tree arms)
             any(t.num_draft_tokens for t in trees),
             sum(len(o.token_ids) for o in outputs),
             phases["draft"] + phases["verify"] + phases["commit"] + self._between,
