@@ -256,19 +256,21 @@ class CostPolicy(Policy):
             if idle:
                 probe = min(idle, key=lambda i: seqs[i].policy_state.get("drafted_at", 0))
                 gammas[probe] = 1
-        elif any(gammas) and self.steps - self._last_plain.setdefault(bucket, self.steps) >= self._plain_gap.get(bucket, 8):
-            gammas = [0] * len(gammas)  # keep the plain step's scale measured
-            self._plain_gap[bucket] = min(self.plain_every, 2 * self._plain_gap.get(bucket, 8))
-        if not any(gammas):
+        else:
+            gap = self._plain_gap.setdefault(bucket, 8)
+            if any(gammas) and self.steps - self._last_plain.setdefault(bucket, self.steps) >= gap:
+                gammas = [0] * len(gammas)  # keep the plain step's scale measured
+                self._plain_gap[bucket] = min(self.plain_every, 2 * gap)
+        drafting = any(gammas)
+        if not drafting:
             self._last_plain[bucket] = self.steps
         # the kind of step not run now relaxes toward the model, so that one bad measurement cannot
         # rule it out for good; the slower the larger the batch, since going back to drafting
         # costs every sequence's catch-up at once
-        other = not any(gammas)
-        if scale[other] is not None:
-            scale[other] += self.scale_relax / len(seqs) * (1.0 - scale[other])
+        if scale[not drafting] is not None:
+            scale[not drafting] += self.scale_relax / len(seqs) * (1.0 - scale[not drafting])
         # a probe step is no sample of the plan's cost (its catch-up is a switch's)
-        self._predicted = None if probe is not None else (scale, any(gammas), self.step_time(gammas))
+        self._predicted = None if probe is not None else (scale, drafting, self.step_time(gammas))
         for s, g in zip(seqs, gammas):
             if g == 0:
                 self._stats(s).relax(self.global_stats, self.relax)

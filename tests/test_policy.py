@@ -200,14 +200,15 @@ def test_a_sequence_that_stopped_drafting_comes_back_when_the_pair_accepts_well(
 
 
 def run_chains(p, seqs, steps, cost_on, cost_off):
-    """Plan and observe ``steps`` steps on a machine whose steps take ``cost_*`` x the prediction."""
+    """Plan and observe ``steps`` steps on a machine whose steps take ``cost_*`` x the prediction;
+    returns each step's gammas."""
     plans = []
     for _ in range(steps):
         p.start_step()
         gammas = p.plan(seqs, [4] * len(seqs), [4] * len(seqs))
         on = any(gammas)
         p.observe_rate(on, len(seqs), p.step_time(gammas) * (cost_on if on else cost_off))
-        plans.append(on)
+        plans.append(gammas)
     return plans
 
 
@@ -216,12 +217,7 @@ def test_cost_policy_for_chains_falls_to_plain_decoding_where_measured_steps_say
     # machine's drafting steps take 3x what it predicts (plain ones what it predicts)
     p = cost_policy(alpha=0.8)
     seqs = [Seq(str(i)) for i in range(16)]
-    plans = []
-    for _ in range(1000):
-        p.start_step()
-        gammas = p.plan(seqs, [4] * 16, [4] * 16)
-        p.observe_rate(any(gammas), 16, p.step_time(gammas) * (3.0 if any(gammas) else 1.0))
-        plans.append(sum(gammas))
+    plans = [sum(g) for g in run_chains(p, seqs, 1000, 3.0, 1.0)]
     assert plans[0] > 1
     # after learning, only keep-alive probes (one sequence, one token): going back to drafting
     # with the whole batch would cost every sequence's catch-up
@@ -233,7 +229,7 @@ def test_cost_policy_for_chains_falls_to_plain_decoding_where_measured_steps_say
 def test_cost_policy_for_chains_keeps_speculating_where_it_pays_and_measures_plain_steps_rarely():
     # drafting steps take 1.2x the prediction: speculation still pays at batch 1 with alpha 0.8
     p = cost_policy(alpha=0.8)
-    plans = run_chains(p, [Seq()], 400, 1.2, 1.0)
+    plans = [any(g) for g in run_chains(p, [Seq()], 400, 1.2, 1.0)]
     assert 400 // p.plain_every - 1 <= plans.count(False) <= 400 // p.plain_every + 3  # gaps 8, 16, 32, 64, 64 ...
     assert p.scale[0][True] == pytest.approx(1.2, rel=0.01) and p.scale[0][False] == pytest.approx(1.0, rel=0.01)
 
