@@ -15,10 +15,10 @@ import argparse
 import importlib
 
 SUBCOMMANDS = {
-    "offline": ("bench.offline", "speedup of Hedgerow's modes against plain decoding and transformers (batch 1)"),
-    "serve": ("bench.serve", "TTFT, inter-token and end-to-end latency of a running server under load"),
-    "sweep": ("bench.sweep", "systems benchmark: oracle drafter at set acceptance rates, against the ideal speedup"),
-    "report": ("bench.results", "regenerate bench/RESULTS.md and the plots from bench/results/*.json"),
+    "offline": ("hedgerow.bench.offline", "speedup of Hedgerow's modes against plain decoding and transformers (batch 1)"),
+    "serve": ("hedgerow.bench.serve", "TTFT, inter-token and end-to-end latency of a running server under load"),
+    "sweep": ("hedgerow.bench.sweep", "systems benchmark: oracle drafter at set acceptance rates, against the ideal speedup"),
+    "report": ("hedgerow.bench.results", "regenerate bench/RESULTS.md and the plots from bench/results/*.json"),
 }
 
 

@@ -59,7 +59,7 @@ def apply_threads(args) -> None:
         import torch
 
         if args.threads < 1:
-            from server.errors import HedgerowError
+            from hedgerow.server.engine.errors import HedgerowError
 
             raise HedgerowError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from bench.common import (
+from hedgerow.bench.common import (
     acceptance_summary,
     add_threads_arg,
     apply_threads,
@@ -41,14 +41,14 @@ from bench.common import (
     remember_parser,
     write_json,
 )
-from server.errors import HedgerowError
+from hedgerow.server.engine.errors import HedgerowError
 
 ENGINE_MODES = ("ar", "chain", "tree", "tree-static")
 BASELINES = ("hf", "hf-assisted")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from server.cli import add_model_args
+    from hedgerow.server.cli import add_model_args
 
     add_model_args(p)
     g = p.add_argument_group("workload")
@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_engine_spec_args(p: argparse.ArgumentParser) -> None:
     """``hedgerow generate``'s speculation flags (gamma, tree shape, draft-length policy, overlap...)
     but ``--mode``: here ``--modes`` names the modes, and the other flags apply to every one of them."""
-    from server.cli import add_spec_args
+    from hedgerow.server.cli import add_spec_args
 
     add_spec_args(p, include_mode=False, title="speculation (every mode; @N in --modes overrides gamma or the tree budget)")
 
@@ -93,8 +93,8 @@ class Contender:
 
 
 def parse_contenders(args) -> list[Contender]:
-    from server.cli import spec_from_args
-    from server.sequence import SpecMode
+    from hedgerow.server.cli import spec_from_args
+    from hedgerow.server.engine.sequence import SpecMode
 
     try:
         base = spec_from_args(argparse.Namespace(**{**vars(args), "mode": "chain"}))
@@ -135,7 +135,7 @@ def check_args(args) -> None:
 
 def build(args, needs_draft: bool):
     """One engine (batch 1) with the draft loaded when any contender needs it."""
-    from server.cli import build_engine
+    from hedgerow.server.cli import build_engine
 
     ns = argparse.Namespace(**{**vars(args), "mode": "chain" if needs_draft else "ar", "max_batch_size": 1})
     return build_engine(ns)  # validates the speculation flags too
@@ -154,7 +154,7 @@ class Runner:
     """Runs one prompt through one contender and times it (prefill included, tokenization not)."""
 
     def __init__(self, engine, tokenizer, sampling, max_new_tokens: int):
-        from server.cli import eos_ids
+        from hedgerow.server.cli import eos_ids
 
         self.engine = engine
         self.target = engine.target.model
@@ -179,7 +179,7 @@ class Runner:
         return self._hf(c, prompt_ids, seed)
 
     def _engine(self, c: Contender, prompt_ids: list[int], seed: int) -> Run:
-        from server.sequence import Request
+        from hedgerow.server.engine.sequence import Request
 
         self.counter += 1
         sampling = self.sampling if self.sampling.greedy else replace(self.sampling, seed=seed)
@@ -196,7 +196,7 @@ class Runner:
     def _hf(self, c: Contender, prompt_ids: list[int], seed: int) -> Run:
         import torch
 
-        from verify import attention
+        from hedgerow.server.models import attention
 
         models = [self.target] + ([self.draft] if c.kind == "hf-assisted" else [])
         kwargs = dict(max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad)
@@ -233,8 +233,8 @@ class Runner:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from bench.prompts import load_prompts
-    from server.cli import sampling_from_args
+    from hedgerow.bench.prompts import load_prompts
+    from hedgerow.server.cli import sampling_from_args
 
     note_start(args)
     check_args(args)
@@ -300,7 +300,7 @@ def run(args) -> int:
     write_json(args.output, data)
     print(table(data))
     if args.plots:
-        from bench.plots import offline_plots
+        from hedgerow.bench.plots import offline_plots
 
         for path in offline_plots(data, args.plots, stem=_stem(args.output, "offline")):
             print(f"wrote {path}", file=sys.stderr)

@@ -15,9 +15,9 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from drafting.chain import ChainProposer
-from drafting.draft_model import DraftModel
-from verify.tree import DraftTree
+from hedgerow.drafting.chain import ChainProposer
+from hedgerow.drafting.draft_model import DraftModel
+from hedgerow.verify.tree import DraftTree
 
 
 class OracleProposer(ChainProposer):

@@ -14,7 +14,7 @@ def _plt():
     try:
         import matplotlib
     except ImportError:
-        from server.errors import HedgerowError
+        from hedgerow.server.engine.errors import HedgerowError
 
         raise HedgerowError("plots need matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")

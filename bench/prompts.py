@@ -18,7 +18,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from server.errors import HedgerowError
+from hedgerow.server.engine.errors import HedgerowError
 
 SETS = {
     # name: (module, path inside it, pip command)

@@ -1,6 +1,6 @@
 """Write a draft that cannot help: the embedded draft's architecture and tokenizer, random weights.
 
-    python -m bench.random_draft /tmp/random-draft [--like server/embedded/draft] [--seed 0]
+    python -m hedgerow.bench.random_draft /tmp/random-draft [--like server/embedded/draft] [--seed 0]
 
 The "cost never slower" benchmark runs the engine with this draft: it proposes tokens of the right
 vocabulary that the target almost never accepts, so every drafted token is wasted work and a good
@@ -15,9 +15,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from server.embedded import default_pair
+    from hedgerow.server.embedded import default_pair
 
-    parser = argparse.ArgumentParser(prog="python -m bench.random_draft", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hedgerow.bench.random_draft", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder to write (Hugging Face format)")
     parser.add_argument("--like", type=Path, default=None, help="model folder whose config and tokenizer to copy "
                         "(default: the embedded draft)")

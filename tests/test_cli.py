@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from server.cli import main
+from hedgerow.server.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "hedgerow.server.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_generate_json_matches_plain_decoding(tiny_folders):

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-import verify.cuda_kernels as ck
+import hedgerow.server.models.cuda_kernels as ck
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # ||out - ref|| / ||ref|| against a float64 reference; the output is rounded to its dtype.
@@ -630,7 +630,7 @@ def test_gpu_kv_compact_matches_gather_then_scatter(dtype, d):
 
 # --- the backend inside the engine -----------------------------------------------------------------
 def test_auto_backend_stays_on_reference_until_validated():
-    from verify.attention import resolve_backend
+    from hedgerow.server.models.attention import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "reference"
     with pytest.raises(ValueError, match="CUDA device"):
@@ -640,9 +640,9 @@ def test_auto_backend_stays_on_reference_until_validated():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_greedy_output_is_unchanged_with_the_cuda_backend():
     """End to end: greedy chain and tree output with the kernels equals the reference backend's."""
-    from server.engine import Engine, EngineConfig
-    from server.runner import ModelRunner
-    from server.sequence import SpecMode, SpecParams
+    from hedgerow.server.engine.engine import Engine, EngineConfig
+    from hedgerow.server.engine.runner import ModelRunner
+    from hedgerow.server.engine.sequence import SpecMode, SpecParams
     from tests.tiny import EOS, request, tiny_model
 
     target = tiny_model("llama", seed=0, hidden=256, dtype=torch.float32).cuda()

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from server.runner import ModelRunner
-from server.sequence import SpecMode
+from hedgerow.server.engine.runner import ModelRunner
+from hedgerow.server.engine.sequence import SpecMode
 from tests.tiny import EOS, hf_greedy, make_engine, request, tiny_model
-from verify.flatten import flatten
-from verify.sampling import SamplingParams
-from verify.tree import DraftTree
+from hedgerow.verify.flatten import flatten
+from hedgerow.verify.sampling import SamplingParams
+from hedgerow.verify.tree import DraftTree
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
 
@@ -107,7 +107,7 @@ def _plain_logits(model, tokens):
         with torch.no_grad():
             return model(torch.tensor([tokens])).logits[0].float()
     finally:
-        from verify import attention
+        from hedgerow.server.models import attention
 
         model.set_attn_implementation(attention.REFERENCE)
 

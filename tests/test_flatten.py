@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from verify.flatten import flatten, retrieve_indices, tree_depths_and_ancestors
+from hedgerow.verify.flatten import flatten, retrieve_indices, tree_depths_and_ancestors
 
 
 def random_parents(n: int, rng: random.Random) -> list[int]:

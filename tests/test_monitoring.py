@@ -30,11 +30,11 @@ import grpc
 import pytest
 import yaml
 
-from server.grpc_service import ServiceConfig, start_server
-from server.loader import load_tokenizer
-from server.metrics import Metrics
-from server.rpc import generation_pb2 as pb
-from server.rpc import generation_pb2_grpc as pb_grpc
+from hedgerow.server.service.grpc_service import ServiceConfig, start_server
+from hedgerow.server.models.loader import load_tokenizer
+from hedgerow.server.service.metrics import Metrics
+from hedgerow.server.rpc import generation_pb2 as pb
+from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
 from tests.tiny import make_engine, perturbed_copy, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

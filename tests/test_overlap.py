@@ -2,10 +2,10 @@
 
 import pytest
 
-from server.sequence import SpecMode, SpecParams
+from hedgerow.server.engine.sequence import SpecMode, SpecParams
 from tests.tiny import (chi_square_check, exact_joint, hf_greedy, make_engine, perturbed_copy, request,
                         tiny_model)
-from verify.sampling import SamplingParams
+from hedgerow.verify.sampling import SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
 

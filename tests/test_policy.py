@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from drafting.policy import AcceptanceStats, CostPolicy, HeuristicPolicy, LinearCost, make_policy
-from server.sequence import SpecMode, SpecParams
+from hedgerow.drafting.policy import AcceptanceStats, CostPolicy, HeuristicPolicy, LinearCost, make_policy
+from hedgerow.server.engine.sequence import SpecMode, SpecParams
 from tests.tiny import hf_greedy, make_engine, request, tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
@@ -235,7 +235,7 @@ def test_cost_policy_for_chains_keeps_speculating_where_it_pays_and_measures_pla
 
 
 def test_batch_buckets_keep_a_serving_batch_in_one_bucket():
-    from drafting.policy import batch_bucket
+    from hedgerow.drafting.policy import batch_bucket
 
     assert len({batch_bucket(n) for n in range(12, 23)}) == 1  # 16 clients: 14-16 running
     assert len({batch_bucket(n) for n in (3, 4, 5)}) == 1

@@ -28,13 +28,13 @@ openai = pytest.importorskip("openai", reason="the proxy tests drive the officia
 pytest.importorskip("fastapi", reason="the proxy needs fastapi and uvicorn")
 uvicorn = pytest.importorskip("uvicorn", reason="the proxy needs fastapi and uvicorn")
 
-from server.engine import Engine, EngineConfig  # noqa: E402
-from server.grpc_service import ServiceConfig  # noqa: E402
-from server.loader import load_pair  # noqa: E402
-from server.proxy import ProxyConfig, create_app, grpc_error, listen  # noqa: E402
-from server.rpc import generation_pb2 as pb  # noqa: E402
-from server.runner import ModelRunner  # noqa: E402
-from server.sequence import SpecParams  # noqa: E402
+from hedgerow.server.engine.engine import Engine, EngineConfig  # noqa: E402
+from hedgerow.server.service.grpc_service import ServiceConfig  # noqa: E402
+from hedgerow.server.models.loader import load_pair  # noqa: E402
+from hedgerow.server.proxy.app import ProxyConfig, create_app, grpc_error, listen  # noqa: E402
+from hedgerow.server.rpc import generation_pb2 as pb  # noqa: E402
+from hedgerow.server.engine.runner import ModelRunner  # noqa: E402
+from hedgerow.server.engine.sequence import SpecParams  # noqa: E402
 from tests.live import LiveServer  # noqa: E402
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "for i in range(10):"]
@@ -460,7 +460,7 @@ def _closed_port() -> int:
 def test_server_down_is_503_through_hedgerow_proxy(tiny_folders):
     """``hedgerow proxy`` as its own process (add_arguments/run, as the CLI wires them), pointed at a
     closed port: it starts, answers 503 in OpenAI's error JSON, and exits 0 on SIGTERM."""
-    script = ("import argparse, sys; from server import proxy; p = argparse.ArgumentParser(); "
+    script = ("import argparse, sys; from hedgerow.server.proxy import app as proxy; p = argparse.ArgumentParser(); "
               "proxy.add_arguments(p); sys.exit(proxy.run(p.parse_args(sys.argv[1:])))")
     cmd = [sys.executable, "-c", script, "--grpc", f"127.0.0.1:{_closed_port()}", "--port", "0",
            "--tokenizer", str(tiny_folders["target"])]
@@ -509,7 +509,7 @@ def test_a_client_that_leaves_frees_the_kv_slot(backend, proxy, model):
 
 
 def test_hedgerow_proxy_is_a_cli_subcommand(capsys):
-    from server.cli import main
+    from hedgerow.server.cli import main
 
     assert main(["proxy", "--grpc", "no-port"]) == 2
     assert "--grpc" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from verify.sampling import SamplingParams, sample, warp_probs
+from hedgerow.verify.sampling import SamplingParams, sample, warp_probs
 
 
 def reference_warp(logits: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor:

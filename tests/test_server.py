@@ -18,13 +18,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.engine import Engine, EngineConfig
-from server.loader import load_pair, load_tokenizer
-from server.rpc import generate as stubgen
-from server.rpc import generation_pb2 as pb
-from server.rpc import generation_pb2_grpc as pb_grpc
-from server.runner import ModelRunner
-from server.sequence import SpecMode
+from hedgerow.server.engine.engine import Engine, EngineConfig
+from hedgerow.server.models.loader import load_pair, load_tokenizer
+from hedgerow.server.rpc import generate as stubgen
+from hedgerow.server.rpc import generation_pb2 as pb
+from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
+from hedgerow.server.engine.runner import ModelRunner
+from hedgerow.server.engine.sequence import SpecMode
 from tests.live import LiveServer
 from tests.tiny import EOS, hf_greedy, make_engine, perturbed_copy, tiny_model
 
@@ -486,13 +486,13 @@ def test_committed_stubs_are_current():
     from importlib.metadata import version
 
     stale = stubgen.stale(stubgen.generate())
-    assert not stale, (f"{stale} differ from what `python -m server.rpc.generate` writes with grpcio-tools "
+    assert not stale, (f"{stale} differ from what `python -m hedgerow.server.rpc.generate` writes with grpcio-tools "
                        f"{version('grpcio-tools')}: run it (the dev extra pins the version the stubs come from)")
 
 
 # --- hedgerow serve ------------------------------------------------------------------------------
 def test_serve_drains_in_flight_requests_on_sigterm(tiny_folders):
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--target", str(tiny_folders["target"]),
+    cmd = [sys.executable, "-m", "hedgerow.server.cli", "serve", "--target", str(tiny_folders["target"]),
            "--draft", str(tiny_folders["draft"]), "--port", "0", "--metrics-port", "0", "--max-model-len", "256"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -533,7 +533,7 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_folders):
 
 
 def test_serve_refuses_bad_flags(capsys):
-    from server.cli import main
+    from hedgerow.server.cli import main
 
     for flags, message in ((["--port", "70000"], "--port"), (["--max-batch-size", "0"], "--max-batch-size"),
                            (["--max-queue", "0"], "--max-queue"), (["--metrics-port", "-1"], "--metrics-port")):
@@ -544,7 +544,7 @@ def test_serve_refuses_bad_flags(capsys):
 def test_serve_leaves_a_core_to_the_grpc_threads_on_cpu(monkeypatch):
     import argparse
 
-    from server.serve import default_cpu_threads
+    from hedgerow.server.service.serve import default_cpu_threads
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     args = argparse.Namespace(target_device="cpu", draft_device=None)

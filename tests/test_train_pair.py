@@ -1,4 +1,4 @@
-"""Tests for server.train_pair (tiny end-to-end run) and the shipped embedded pair."""
+"""Tests for hedgerow.server.embedded.train.pair (tiny end-to-end run) and the shipped embedded pair."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server import train_pair
+from hedgerow.server.embedded.train import pair as train_pair
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_FILES = ["keyword.py", "bisect.py", "colorsys.py", "heapq.py", "fnmatch.py", "textwrap.py"]
@@ -166,7 +166,7 @@ shipped = pytest.mark.skipif(not (EMBEDDED / "target" / "model.safetensors").exi
 def test_shipped_pair_loads_offline_and_shares_tokenizer(monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.embedded import default_pair
+    from hedgerow.server.embedded import default_pair
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     target_dir, draft_dir = default_pair()

@@ -4,14 +4,14 @@ sampled trees (and chains) draw from the target's distribution, end to end throu
 import pytest
 import torch
 
-from drafting.tree import static_shape
-from server.runner import ModelRunner
-from server.sequence import SpecMode, SpecParams
+from hedgerow.drafting.tree import static_shape
+from hedgerow.server.engine.runner import ModelRunner
+from hedgerow.server.engine.sequence import SpecMode, SpecParams
 from tests.tiny import (chi_square_check, exact_joint, hf_greedy, last_logits, make_engine, perturbed_copy, request,
                         tiny_model)
-from verify.flatten import flatten
-from verify.sampling import SamplingParams
-from verify.tree import DraftTree
+from hedgerow.verify.flatten import flatten
+from hedgerow.verify.sampling import SamplingParams
+from hedgerow.verify.tree import DraftTree
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
 DYNAMIC = SpecParams(mode=SpecMode.TREE, tree_budget=12, tree_depth=4, tree_topk=3)

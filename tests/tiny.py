@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from server.engine import Engine, EngineConfig
-from server.runner import ModelRunner
-from server.sequence import Request, SpecMode, SpecParams
-from verify import attention
-from verify.sampling import SamplingParams
+from hedgerow.server.engine.engine import Engine, EngineConfig
+from hedgerow.server.engine.runner import ModelRunner
+from hedgerow.server.engine.sequence import Request, SpecMode, SpecParams
+from hedgerow.server.models import attention
+from hedgerow.verify.sampling import SamplingParams
 
 VOCAB = 128
 EOS = 1
@@ -78,7 +78,7 @@ def last_logits(model, tokens: list[int]) -> torch.Tensor:
 
 def exact_joint(model, prompt: list[int], sampling: SamplingParams, length: int) -> dict:
     """The target's own distribution of its first ``length`` sampled tokens (enumerated)."""
-    from verify.sampling import warp_probs
+    from hedgerow.verify.sampling import warp_probs
 
     out = {(): 1.0}
     for _ in range(length):

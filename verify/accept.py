@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from verify.sampling import SamplingParams, sample, warp_probs
-from verify.tree import ChildRule, DraftTree
+from hedgerow.verify.sampling import SamplingParams, sample, warp_probs
+from hedgerow.verify.tree import ChildRule, DraftTree
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Regenerate after changing the .proto, from the repository root::
 
-    python -m server.rpc.generate
+    python -m hedgerow.server.rpc.generate
 
 ``tests/test_server.py`` checks that the committed stubs are what that command produces.
 """

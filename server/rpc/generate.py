@@ -1,10 +1,10 @@
 """Regenerate the gRPC stubs in server/rpc/ from proto/ with grpc_tools.protoc.
 
-    python -m server.rpc.generate            # rewrite server/rpc/generation_pb2*.py(i)
-    python -m server.rpc.generate --check    # exit 1 if the committed stubs are stale
+    python -m hedgerow.server.rpc.generate            # rewrite server/rpc/generation_pb2*.py(i)
+    python -m hedgerow.server.rpc.generate --check    # exit 1 if the committed stubs are stale
 
 protoc names modules after the .proto path (``hedgerow.v1.generation_pb2``); the stubs live in
-``server.rpc`` instead (a top-level ``hedgerow`` or ``proto`` package is not ours to take), so the
+``hedgerow.server.rpc`` instead (beside the code that uses them), so the
 cross-module import and the module name are rewritten, always the same way. The descriptor keeps
 its file name ``hedgerow/v1/generation.proto``, which is what reflection serves.
 """
@@ -22,8 +22,8 @@ PROTO = "hedgerow/v1/generation.proto"
 OUT = Path(__file__).resolve().parent
 FILES = ("generation_pb2.py", "generation_pb2.pyi", "generation_pb2_grpc.py")
 REWRITES = (
-    ("from hedgerow.v1 import generation_pb2 as", "from server.rpc import generation_pb2 as"),
-    ("'hedgerow.v1.generation_pb2'", "'server.rpc.generation_pb2'"),
+    ("from hedgerow.v1 import generation_pb2 as", "from hedgerow.server.rpc import generation_pb2 as"),
+    ("'hedgerow.v1.generation_pb2'", "'hedgerow.server.rpc.generation_pb2'"),
 )
 
 
@@ -52,14 +52,14 @@ def stale(stubs: dict[str, bytes], folder: Path = OUT) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.rpc.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hedgerow.server.rpc.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that the committed stubs are current")
     args = parser.parse_args(argv)
     stubs = generate()
     if args.check:
         bad = stale(stubs)
         if bad:
-            print(f"stale stubs: {', '.join(bad)}; run python -m server.rpc.generate", file=sys.stderr)
+            print(f"stale stubs: {', '.join(bad)}; run python -m hedgerow.server.rpc.generate", file=sys.stderr)
             return 1
         return 0
     for name, data in stubs.items():

@@ -35,9 +35,9 @@ and its tokenizer are read from an exported folder (for example the shipped
 
 Usage::
 
-    python -m server.train_pair --work-dir /tmp/hedgerow-pair           # train + export + eval
-    python -m server.train_pair --eval-only                              # eval the shipped pair
-    python -m server.train_pair --work-dir /tmp/d --target-from server/embedded/target   # new draft only
+    python -m hedgerow.server.embedded.train.pair --work-dir /tmp/hedgerow-pair           # train + export + eval
+    python -m hedgerow.server.embedded.train.pair --eval-only                              # eval the shipped pair
+    python -m hedgerow.server.embedded.train.pair --work-dir /tmp/d --target-from server/embedded/target   # new draft only
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
         raise ValueError(f"attention backend must be auto, reference or cuda, got {name!r}")
     if device.type != "cuda":
         raise ValueError(f"attention backend cuda needs a CUDA device, the model is on {device}")
-    from verify import cuda_kernels
+    from hedgerow.server.models import cuda_kernels
 
     if not cuda_kernels.is_available():
         raise ValueError("attention backend cuda needs cuda-python and its NVRTC wheel: pip install 'hedgerow[cuda]'")
@@ -94,7 +94,7 @@ def cuda_attention(module, query, key, value, attention_mask, scaling=None, drop
     plan = current_plan()
     if plan is None or not plan.raw:
         return reference_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    from verify import cuda_kernels
+    from hedgerow.server.models import cuda_kernels
 
     out = cuda_kernels.tree_attention(
         query, key, value, plan.read_slots, plan.prefix_lens, plan.num_nodes, plan.tree_bits,

@@ -37,8 +37,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import HedgerowError
-from server.openai_schema import ApiError, ChatCompletionRequest, CompletionRequest, bad
+from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.proxy.schema import ApiError, ChatCompletionRequest, CompletionRequest, bad
 
 log = logging.getLogger("hedgerow.proxy")
 
@@ -62,7 +62,7 @@ class Backend:
         import grpc
         from grpc_health.v1 import health_pb2_grpc
 
-        from server.rpc import generation_pb2_grpc as pb_grpc
+        from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
 
         self.config = config
         self.channel = grpc.aio.insecure_channel(config.grpc_target)
@@ -75,7 +75,7 @@ class Backend:
 
     async def info(self):
         if self._info is None:
-            from server.rpc import generation_pb2 as pb
+            from hedgerow.server.rpc import generation_pb2 as pb
 
             self._info = await self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
         return self._info
@@ -167,7 +167,7 @@ FINISH = {1: "stop", 2: "length", 3: "stop", 4: "abort"}  # pb.FinishReason -> O
 
 
 def to_proto(body, request_id: str, *, prompt: str | list[int]):
-    from server.rpc import generation_pb2 as pb
+    from hedgerow.server.rpc import generation_pb2 as pb
 
     msg = pb.GenerateRequest(request_id=request_id)
     if isinstance(prompt, str):

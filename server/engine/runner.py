@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from server.kv_cache import SlotKVCache, WritePlan
-from verify import attention
-from verify.flatten import FlatBatch, flatten
-from verify.tree import chain_parents
+from hedgerow.server.engine.kv_cache import SlotKVCache, WritePlan
+from hedgerow.server.models import attention
+from hedgerow.verify.flatten import FlatBatch, flatten
+from hedgerow.verify.tree import chain_parents
 
 
 class _Chain:
@@ -72,7 +72,7 @@ class ModelRunner:
         )
         if self.backend == "cuda" and bool(((flat.ancestors.sum(-1) == flat.depths + 1) | ~flat.valid).all()):
             # the kernel's shape: the prefix fully visible, then the block's own tree
-            from verify.cuda_kernels import pack_tree_mask
+            from hedgerow.server.models.cuda_kernels import pack_tree_mask
 
             plan.raw = True
             plan.prefix_lens = flat.prefix_lens.to(torch.int32)

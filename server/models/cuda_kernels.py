@@ -1,7 +1,7 @@
 """CUDA tree attention and KV compaction, compiled at run time by NVRTC through cuda-python.
 
-The kernels live in ``cuda/tree_attention.cu`` and ``cuda/kv_compact.cu`` (the repository's
-``cuda/`` folder is not a Python package: ``cuda`` is cuda-python's namespace). They are compiled
+The kernels live in ``cuda/tree_attention.cu`` and ``cuda/kv_compact.cu``, installed as package data
+of ``hedgerow.cuda`` (no ``__init__.py``: only data lives there). They are compiled
 to cubin for the GPU's architecture, cached in-process and on disk, loaded with ``cuda.core`` and
 launched on torch's current stream. Importing this module needs neither cuda-python nor a GPU;
 the functions that do need them raise :class:`CudaKernelsUnavailable` with the fix.
@@ -41,6 +41,7 @@ import hashlib
 import math
 import os
 import threading
+import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -62,7 +63,18 @@ __all__ = [
     "unpack_tree_mask",
 ]
 
-CUDA_SRC_DIR = Path(os.environ.get("HEDGEROW_CUDA_SRC", Path(__file__).resolve().parents[1] / "cuda"))
+
+
+def _source_dir() -> Path:
+    """The .cu sources: ``hedgerow.cuda``, package data of the installed wheel (the repository's
+    cuda/ folder in an editable install); HEDGEROW_CUDA_SRC overrides."""
+    if os.environ.get("HEDGEROW_CUDA_SRC"):
+        return Path(os.environ["HEDGEROW_CUDA_SRC"])
+    spec = importlib.util.find_spec("hedgerow.cuda")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+CUDA_SRC_DIR = _source_dir()
 SOURCES = {"tree_attention": "tree_attention.cu", "kv_compact": "kv_compact.cu"}
 
 _DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -200,8 +212,8 @@ def _read_source(name: str) -> str:
         return (CUDA_SRC_DIR / name).read_text()
     except OSError as e:
         raise CudaKernelsUnavailable(
-            f"kernel source {name} not found in {CUDA_SRC_DIR}; set HEDGEROW_CUDA_SRC to the "
-            "repository's cuda/ folder"
+            f"kernel source {name} not found in {CUDA_SRC_DIR} (a broken install?); set "
+            "HEDGEROW_CUDA_SRC to a folder holding the cuda/*.cu sources"
         ) from e
 
 

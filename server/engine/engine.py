@@ -17,18 +17,18 @@ from typing import Iterable
 
 import torch
 
-from drafting.branch import Brancher, match
-from drafting.chain import ChainProposer
-from drafting.draft_model import DraftModel
-from drafting.policy import POLICIES, CostPolicy, make_policy
-from drafting.tree import TreeProposer, TreeShape, static_shape
-from server.errors import HedgerowError
-from server.runner import ModelRunner
-from server.scheduler import Scheduler
-from server.sequence import FinishReason, Request, Sequence, SpecMode, SpecParams
-from verify.accept import Acceptance, accept
-from verify.flatten import flatten
-from verify.tree import DraftTree
+from hedgerow.drafting.branch import Brancher, match
+from hedgerow.drafting.chain import ChainProposer
+from hedgerow.drafting.draft_model import DraftModel
+from hedgerow.drafting.policy import POLICIES, CostPolicy, make_policy
+from hedgerow.drafting.tree import TreeProposer, TreeShape, static_shape
+from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.engine.runner import ModelRunner
+from hedgerow.server.engine.scheduler import Scheduler
+from hedgerow.server.engine.sequence import FinishReason, Request, Sequence, SpecMode, SpecParams
+from hedgerow.verify.accept import Acceptance, accept
+from hedgerow.verify.flatten import flatten
+from hedgerow.verify.tree import DraftTree
 
 log = logging.getLogger("hedgerow.engine")
 OVERLAPS = ("none", "pearl", "branch")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from server.kv_cache import SlotKVCache
-from server.sequence import FinishReason, Sequence, SpecMode
+from hedgerow.server.engine.kv_cache import SlotKVCache
+from hedgerow.server.engine.sequence import FinishReason, Sequence, SpecMode
 
 
 class Scheduler:

@@ -16,8 +16,8 @@ import os
 import signal
 import sys
 
-from server.cli import add_model_args, add_spec_args, build_engine, resolve_models
-from server.errors import HedgerowError
+from hedgerow.server.cli import add_model_args, add_spec_args, build_engine, resolve_models
+from hedgerow.server.engine.errors import HedgerowError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,8 +61,8 @@ def default_cpu_threads(args) -> int | None:
 
 
 def run(args) -> int:
-    from server.grpc_service import ServiceConfig
-    from server.metrics import Metrics
+    from hedgerow.server.service.grpc_service import ServiceConfig
+    from hedgerow.server.service.metrics import Metrics
 
     _check(args)
     if args.cpu_threads is None:
@@ -74,7 +74,7 @@ def run(args) -> int:
 
 
 async def _serve(args, engine, tokenizer, config, metrics) -> int:
-    from server.grpc_service import SERVICE_NAME, start_server
+    from hedgerow.server.service.grpc_service import SERVICE_NAME, start_server
 
     http = metrics.serve(args.metrics_port, args.host)
     server = await start_server(engine, tokenizer, host=args.host, port=args.port, config=config, metrics=metrics)

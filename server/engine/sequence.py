@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from verify.sampling import SamplingParams
+from hedgerow.verify.sampling import SamplingParams
 
 
 class FinishReason(str, enum.Enum):

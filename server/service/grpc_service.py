@@ -29,15 +29,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.async_engine import AsyncEngine, Update
-from server.detokenize import IncrementalDetokenizer
-from server.engine import Engine, OverloadedError
-from server.errors import HedgerowError
-from server.metrics import Metrics
-from server.rpc import generation_pb2 as pb
-from server.rpc import generation_pb2_grpc as pb_grpc
-from server.sequence import FinishReason, Request, SpecMode, SpecParams
-from verify.sampling import SamplingParams
+from hedgerow.server.engine.async_engine import AsyncEngine, Update
+from hedgerow.server.detokenize import IncrementalDetokenizer
+from hedgerow.server.engine.engine import Engine, OverloadedError
+from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.service.metrics import Metrics
+from hedgerow.server.rpc import generation_pb2 as pb
+from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
+from hedgerow.server.engine.sequence import FinishReason, Request, SpecMode, SpecParams
+from hedgerow.verify.sampling import SamplingParams
 
 log = logging.getLogger("hedgerow.grpc")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from server.errors import HedgerowError
-from verify import attention
+from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.models import attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

@@ -23,10 +23,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from server.engine import Engine, StepOutput
-from server.errors import HedgerowError
-from server.metrics import Metrics
-from server.sequence import FinishReason, Request, Sequence, SpecMode
+from hedgerow.server.engine.engine import Engine, StepOutput
+from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.service.metrics import Metrics
+from hedgerow.server.engine.sequence import FinishReason, Request, Sequence, SpecMode
 
 log = logging.getLogger("hedgerow.async_engine")
 
