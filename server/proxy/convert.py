@@ -1,0 +1,114 @@
+"""OpenAI's wire format on one side, Hedgerow's protobuf messages on the other.
+
+A request body becomes a ``GenerateRequest``; a ``GenerateResponse`` (or a streamed message) becomes
+a completion, a chat completion or a chunk; ``ModelInfo`` becomes a model card; a chat's messages
+become prompt token ids through the model's chat template. No I/O here, so what a client sees can be
+read (and changed) in one place.
+
+Finish reasons EOS and STOP -> ``"stop"``, LENGTH -> ``"length"``, ABORT (server shutting down) ->
+``"abort"``. Every response carries a ``hedgerow`` object with the request's speculation stats
+(verify_steps, draft_tokens, accepted_tokens, acceptance_rate).
+"""
+
+from dataclasses import dataclass
+
+from hedgerow.server.proxy.schema import ApiError, bad
+from hedgerow.server.rpc import generation_pb2 as pb
+
+FINISH = {1: "stop", 2: "length", 3: "stop", 4: "abort"}  # pb.FinishReason -> OpenAI finish_reason
+
+
+def to_proto(body, request_id: str, *, prompt: str | list[int]):
+    msg = pb.GenerateRequest(request_id=request_id)
+    if isinstance(prompt, str):
+        msg.prompt = prompt
+    else:
+        msg.prompt_token_ids.extend(prompt)
+    for name in ("temperature", "top_k", "top_p", "seed"):
+        if (value := getattr(body, name)) is not None:
+            setattr(msg.sampling, name, value)
+    if (n := body.new_tokens()) is not None:
+        msg.stopping.max_new_tokens = n
+    msg.stopping.stop.extend(body.stops())
+    msg.stopping.ignore_eos = body.ignore_eos
+    spec = body.hedgerow.speculation if body.hedgerow else None
+    if spec is not None:
+        msg.speculation.SetInParent()
+        if spec.mode is not None:
+            msg.speculation.mode = {"off": pb.SPECULATION_MODE_OFF, "chain": pb.SPECULATION_MODE_CHAIN,
+                                    "tree": pb.SPECULATION_MODE_TREE}[spec.mode]
+        if spec.max_draft_tokens is not None:
+            msg.speculation.max_draft_tokens = spec.max_draft_tokens
+        if spec.tree_budget is not None:
+            msg.speculation.tree_budget = spec.tree_budget
+    return msg
+
+
+def usage(u) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+
+def stats(s) -> dict:
+    rate = s.accepted_tokens / s.draft_tokens if s.draft_tokens else None
+    return {"verify_steps": s.verify_steps, "draft_tokens": s.draft_tokens, "accepted_tokens": s.accepted_tokens,
+            "acceptance_rate": rate}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How completions and chat differ on the wire."""
+
+    chat: bool
+    id: str
+    model: str
+    created: int
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def response(self, resp) -> dict:
+        reason = FINISH.get(resp.finish_reason)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": resp.text},
+                      "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": resp.text, "logprobs": None, "finish_reason": reason}
+        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
+                "usage": usage(resp.usage), "hedgerow": stats(resp.stats)}
+
+    def chunk(self, text: str | None, reason: str | None = None, *, role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
+
+
+def model_card(info, model: str, created: int) -> dict:
+    """The ``/v1/models`` entry of the served model, ``info`` being the server's ModelInfo."""
+    spec = info.default_speculation
+    return {"id": model, "object": "model", "created": created, "owned_by": "hedgerow",
+            "hedgerow": {"target": info.target, "draft": info.draft or None, "max_model_len": info.max_model_len,
+                         "vocab_size": info.vocab_size, "max_batch_size": info.max_batch_size,
+                         "default_max_new_tokens": info.default_max_new_tokens,
+                         "default_speculation": {"mode": {1: "off", 2: "chain", 3: "tree"}.get(spec.mode),
+                                                 "max_draft_tokens": spec.max_draft_tokens,
+                                                 "tree_budget": spec.tree_budget}}}
+
+
+def render_chat(tokenizer, messages: list[dict], model: str) -> list[int]:
+    """The prompt token ids of a chat, ending where the assistant's reply begins.
+
+    The template is rendered to text and encoded without special tokens: templates write their own
+    BOS, and ``encode``'s default would add a second one."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, f"the model {model!r} has no chat template (its tokenizer defines none): use "
+                            f"/v1/completions with a prompt you format, or start the proxy with --chat-template FILE",
+                       param="messages", code="no_chat_template")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja2's TemplateError, or the template's own raise_exception()
+        raise bad("messages", f"do not fit the model's chat template: {exc}", code="chat_template_error") from None
+    return tokenizer.encode(text, add_special_tokens=False)
