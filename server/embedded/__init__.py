@@ -1,4 +1,4 @@
-"""The embedded default model pair (see MODEL_CARD.md; trained by ``hedgerow.server.embedded.train.pair``)."""
+"""The embedded default model pair (see MODEL_CARD.md; trained by ``hedgerow.server.embedded.train``)."""
 
 from __future__ import annotations
 
