@@ -1,4 +1,4 @@
-// Tree attention for one verify step: split and merge (algorithms.md §7.4).
+// Tree attention for one verify step: split and merge (docs/algorithms.md §5).
 //
 // Every sequence b of the batch has L_b tokens already cached (rows 0..L_b-1 of its slot) and a
 // draft tree of N_b nodes whose keys/values the runner has written to rows L_b..L_b+N_b-1. Each
@@ -8,6 +8,11 @@
 //       `num_prefix_splits` key ranges of `chunk` keys (split-K) so long prefixes fill the GPU;
 //   (b) tree part:   the same rows against the N_b tree keys under the ancestor bitmask;
 //   (c) merge:       the partial results are combined by log-sum-exp (base 2 throughout).
+//
+// The merge is exact: a segment s of keys (a prefix split, or the tree) yields its softmax-
+// normalised output o_s and lse_s = log2 of the sum, over its visible keys, of exp2(x) with
+// x = q.k * scale * log2(e). Attention over all the segments' keys is sum_s w_s o_s / sum_s w_s
+// with w_s = exp2(lse_s - max_s lse_s); an empty segment has lse_s = -inf and weight 0.
 //
 // (a) and (b) are one kernel (`..._partial_...`, grid.y = split index, the last split being the
 // tree part), (c) is `..._merge_...`. Each partial block loads its keys/values once for all the
@@ -27,11 +32,13 @@
 // Padding rows (n >= N_b) get zeros in `out`. A partial block whose key range or query rows are
 // empty writes nothing; the merge knows from (prefix_lens, num_nodes, chunk) which splits exist.
 //
-// Built at run time by NVRTC (verify/cuda_kernels.py) without any CUDA header: 16-bit types are
-// stored as raw bits and converted by hand. Kernels use only static shared memory (< 48 KB) and do
-// no allocation or host synchronisation, so they can be captured in CUDA graphs.
+// Built at run time by NVRTC (server/models/kernels/compile.py) without any CUDA header: 16-bit
+// types are stored as raw bits and converted by hand. Kernels use only static shared memory
+// (< 48 KB) and do no allocation or host synchronisation, so they can be captured in CUDA graphs.
+// server/models/kernels/tree_attention.py launches them and mirrors the launch geometry below
+// (kThreads, kRowsPerBlock, kKeyTile).
 // With HEDGEROW_HOST_EMULATION defined, the file also compiles as host C++ against the small
-// emulation layer in tests/test_cuda_kernels.py, which runs the kernels on the CPU.
+// emulation layer in tests/emulator/cuda_emulator.cpp, which runs the kernels on the CPU.
 
 #ifndef HEDGEROW_HOST_EMULATION
 // cvt.f32.f16 / cvt.rn.f16.f32 exist on every architecture NVRTC targets.
@@ -50,9 +57,9 @@ __device__ __forceinline__ unsigned short hr_f32_to_f16(float f) {
 namespace hedgerow_tree_attn {
 
 constexpr int kWarps = 4;                            // warps per block
-constexpr int kThreads = kWarps * 32;                // threads per block (verify/cuda_kernels.py)
+constexpr int kThreads = kWarps * 32;                // threads per block (mirrored in Python)
 constexpr int kRowsPerWarp = 4;                      // query rows per warp
-constexpr int kRowsPerBlock = kWarps * kRowsPerWarp; // 16 (verify/cuda_kernels.py)
+constexpr int kRowsPerBlock = kWarps * kRowsPerWarp; // 16 (mirrored in Python)
 constexpr int kKeyTile = 32;                         // keys per shared-memory tile: one per lane
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
