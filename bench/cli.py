@@ -4,7 +4,7 @@
         --modes ar,chain,tree --baselines hf,hf-assisted --output bench/results/offline.json
     hedgerow bench serve --grpc 127.0.0.1:50051 --concurrency 1,4,16,64 --duration 30
     hedgerow bench sweep --oracle-acceptance 0.5,0.7,0.9
-    hedgerow bench report            # bench/RESULTS.md (and plots) from bench/results/*.json
+    hedgerow bench report            # bench/RESULTS.md from bench/results/*.json, plots into bench/out/plots
 
 Every figure is a ratio measured in one run: same machine, same models, same prompts.
 """
@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "offline": ("hedgerow.bench.offline", "speedup of Hedgerow's modes against plain decoding and transformers (batch 1)"),
     "serve": ("hedgerow.bench.serve", "TTFT, inter-token and end-to-end latency of a running server under load"),
     "sweep": ("hedgerow.bench.sweep", "systems benchmark: oracle drafter at set acceptance rates, against the ideal speedup"),
-    "report": ("hedgerow.bench.results", "regenerate bench/RESULTS.md and the plots from bench/results/*.json"),
+    "report": ("hedgerow.bench.results", "regenerate bench/RESULTS.md from bench/results/*.json and draw its plots"),
 }
 
 

@@ -1,5 +1,5 @@
 """Pieces every benchmark shares: the machine it ran on, the command line that reproduces a run,
-acceptance summaries, percentiles, and writing the JSON evidence.
+acceptance summaries, and writing the JSON evidence.
 
 Every benchmark JSON has the same top level: ``config`` (with ``kind``: offline, serve or sweep;
 ``command``: the ``hedgerow bench ...`` line that reproduces it; ``machine``) and ``results``.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -134,27 +133,6 @@ def acceptance_summary(stats: Iterable) -> dict:
     }
 
 
-# --- latency ------------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile, q in [0, 100] (numpy's default method)."""
-    if not values:
-        return None
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
-def latency_summary(values: list[float]) -> dict:
-    return {
-        "mean": sum(values) / len(values) if values else None,
-        "p50": percentile(values, 50),
-        "p90": percentile(values, 90),
-        "p99": percentile(values, 99),
-        "count": len(values),
-    }
-
-
 # --- output -------------------------------------------------------------------------------------
 def new_config(kind: str, args: argparse.Namespace, **fields) -> dict:
     machine = machine_info()
@@ -181,18 +159,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def fmt(x, digits: int = 2, suffix: str = "") -> str:
-    """A table cell: numbers rounded, None as an em dash."""
-    if x is None:
-        return "—"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}{suffix}"
-    return f"{x}{suffix}"
-
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def speculative_histograms(results: list[dict]) -> list[dict]:
+    """The results of speculative contenders that carry an acceptance-length histogram (the RESULTS.md
+    table and the plot of acceptance lengths show these)."""
+    return [r for r in results if r.get("acceptance_length_histogram") and r["name"] != "ar"]

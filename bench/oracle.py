@@ -1,11 +1,12 @@
 """A timing-faithful oracle drafter: the draft model really runs (its cost is real), but the tokens
 it proposes are the target's known greedy continuation, each replaced by a wrong token with
 probability 1 - alpha. Under greedy verification a draft token is then accepted with probability
-exactly alpha, independently per position: the setting of the speedup model (algorithms.md §8).
+exactly alpha, independently per position: the setting of the expected-speedup model
+(docs/algorithms.md).
 
 It is a ``ChainProposer`` whose choice of token is swapped: the catch-up pass, the draft forward
 per token, the draft KV bookkeeping (``commit``) are the chain proposer's own. Bench code installs
-it with ``engine.chain = OracleProposer(engine.drafter, ...)``; greedy requests only.
+it with ``engine.proposer.chains = OracleProposer(engine.proposer.draft, ...)``; greedy requests only.
 """
 
 from __future__ import annotations

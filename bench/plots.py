@@ -1,13 +1,16 @@
-"""PNG plots from benchmark JSONs (matplotlib, Agg backend: no display needed).
+"""PNG plots from benchmark JSONs (matplotlib, Agg backend: no display needed). Plots are drawn, not
+committed: by a benchmark command's ``--plots DIR`` and by ``hedgerow bench report``.
 
-Each function takes the JSON a benchmark wrote and returns the paths it wrote:
 offline: speedup by contender, acceptance-length histogram; serve: latency CDFs;
 sweep: measured and ideal speedup against alpha.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+from hedgerow.bench.common import speculative_histograms
 
 
 def _plt():
@@ -39,11 +42,8 @@ def _title(config: dict) -> str:
             f"{sampling}, {config.get('target_device', 'cpu')}")
 
 
-def offline_plots(data: dict, folder: str | Path, stem: str = "offline") -> list[Path]:
-    plt = _plt()
+def _speedup(plt, data: dict):
     cfg, results = data["config"], data["results"]
-    out = []
-
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     names = [r["name"] for r in results]
     speed = [r["speedup_vs_ar"] or 0.0 for r in results]
@@ -53,37 +53,33 @@ def offline_plots(data: dict, folder: str | Path, stem: str = "offline") -> list
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_ylabel("tokens/s relative to ar")
     ax.set_title(f"Speedup over plain decoding\n{_title(cfg)}", fontsize=9)
-    out.append(_save(fig, folder, f"{stem}_speedup.png"))
-    plt.close(fig)
-
-    spec = [r for r in results if r.get("acceptance_length_histogram") and r["name"] != "ar"]
-    if spec:
-        fig, ax = plt.subplots(figsize=(6.5, 3.6))
-        longest = max(int(k) for r in spec for k in r["acceptance_length_histogram"])
-        xs = list(range(1, longest + 1))
-        width = 0.8 / len(spec)
-        for i, r in enumerate(spec):
-            hist = r["acceptance_length_histogram"]
-            total = sum(hist.values())
-            ax.bar([x + (i - (len(spec) - 1) / 2) * width for x in xs],
-                   [hist.get(str(x), 0) / total for x in xs], width,
-                   label=f"{r['name']} (mean {r['mean_accepted_length']:.2f})")
-        ax.set_xticks(xs)
-        ax.set_xlabel("tokens kept per verify step (target's token included)")
-        ax.set_ylabel("share of steps")
-        ax.set_title(f"Acceptance length\n{_title(cfg)}", fontsize=9)
-        ax.legend(fontsize=8)
-        out.append(_save(fig, folder, f"{stem}_acceptance.png"))
-        plt.close(fig)
-    return out
+    return fig
 
 
-def serve_plots(data: dict, folder: str | Path, stem: str = "serve") -> list[Path]:
-    plt = _plt()
-    results = data["results"]
-    levels = sorted({r["concurrency"] for r in results})
-    out = []
-    for metric, label in (("e2e", "end-to-end latency (s)"), ("ttft", "time to first token (s)")):
+def _acceptance(plt, data: dict):
+    spec = speculative_histograms(data["results"])
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    longest = max(int(k) for r in spec for k in r["acceptance_length_histogram"])
+    xs = list(range(1, longest + 1))
+    width = 0.8 / len(spec)
+    for i, r in enumerate(spec):
+        hist = r["acceptance_length_histogram"]
+        total = sum(hist.values())
+        ax.bar([x + (i - (len(spec) - 1) / 2) * width for x in xs],
+               [hist.get(str(x), 0) / total for x in xs], width,
+               label=f"{r['name']} (mean {r['mean_accepted_length']:.2f})")
+    ax.set_xticks(xs)
+    ax.set_xlabel("tokens kept per verify step (target's token included)")
+    ax.set_ylabel("share of steps")
+    ax.set_title(f"Acceptance length\n{_title(data['config'])}", fontsize=9)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _cdf(metric: str, label: str):
+    def draw(plt, data: dict):
+        results = data["results"]
+        levels = sorted({r["concurrency"] for r in results})
         fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.2), squeeze=False)
         for ax, c in zip(axes[0], levels):
             for r in (r for r in results if r["concurrency"] == c):
@@ -96,19 +92,18 @@ def serve_plots(data: dict, folder: str | Path, stem: str = "serve") -> list[Pat
             ax.set_ylim(0, 1.02)
             ax.legend(fontsize=8)
         axes[0][0].set_ylabel("fraction of requests")
-        out.append(_save(fig, folder, f"{stem}_{metric}_cdf.png"))
-        plt.close(fig)
-    return out
+        return fig
+
+    return draw
 
 
-def sweep_plots(data: dict, folder: str | Path, stem: str = "sweep") -> list[Path]:
-    plt = _plt()
+def _speedup_vs_alpha(plt, data: dict):
     rows = [r for r in data["results"] if r.get("alpha") is not None]
     cfg = data["config"]
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
     xs = [r["alpha_realised"] for r in rows]
     ax.plot(xs, [r["speedup_vs_ar"] for r in rows], "o-", label="measured", color="#2b6a4d")
-    ax.plot(xs, [r["ideal_speedup"] for r in rows], "s--", label="ideal (§8, verify = 1 target step)", color="#999999")
+    ax.plot(xs, [r["ideal_speedup"] for r in rows], "s--", label="ideal (verify = 1 target step)", color="#999999")
     ax.plot(xs, [r["ideal_speedup_verify_cost"] for r in rows], "^:", label="ideal, measured verify cost",
             color="#c07a2b")
     ax.axhline(1.0, color="black", lw=0.8)
@@ -119,11 +114,46 @@ def sweep_plots(data: dict, folder: str | Path, stem: str = "sweep") -> list[Pat
                  f"target {t['name']} ({t['params'] / 1e6:.3g}M), draft {d['name']} ({d['params'] / 1e6:.3g}M), "
                  f"random weights", fontsize=9)
     ax.legend(fontsize=8)
-    out = [_save(fig, folder, f"{stem}_speedup_vs_alpha.png")]
-    plt.close(fig)
+    return fig
+
+
+DRAWERS = {  # file name suffix: the function drawing that figure
+    "speedup": _speedup,
+    "acceptance": _acceptance,
+    "e2e_cdf": _cdf("e2e", "end-to-end latency (s)"),
+    "ttft_cdf": _cdf("ttft", "time to first token (s)"),
+    "speedup_vs_alpha": _speedup_vs_alpha,
+}
+
+
+def _suffixes(data: dict) -> list[str]:
+    kind = data["config"]["kind"]
+    if kind == "offline":
+        return ["speedup"] + (["acceptance"] if speculative_histograms(data["results"]) else [])
+    if kind == "serve":
+        return ["e2e_cdf", "ttft_cdf"]
+    return ["speedup_vs_alpha"]
+
+
+def plot_names(data: dict, stem: str) -> list[str]:
+    """The PNGs ``draw`` makes of one benchmark JSON named ``stem``."""
+    return [f"{stem}_{suffix}.png" for suffix in _suffixes(data)]
+
+
+def draw(data: dict, folder: str | Path, stem: str) -> list[Path]:
+    """Draw every plot of one benchmark JSON into ``folder``; returns the paths written."""
+    plt = _plt()
+    out = []
+    for suffix, name in zip(_suffixes(data), plot_names(data, stem)):
+        fig = DRAWERS[suffix](plt, data)
+        out.append(_save(fig, folder, name))
+        plt.close(fig)
     return out
 
 
-def plots_for(data: dict, folder: str | Path, stem: str) -> list[Path]:
-    kind = data["config"]["kind"]
-    return {"offline": offline_plots, "serve": serve_plots, "sweep": sweep_plots}[kind](data, folder, stem)
+def command_plots(args, data: dict) -> None:
+    """A benchmark command's ``--plots DIR``: its plots, named after ``--output`` (else after its kind)."""
+    if args.plots:
+        stem = Path(args.output).stem if args.output else data["config"]["kind"]
+        for path in draw(data, args.plots, stem):
+            print(f"wrote {path}", file=sys.stderr)

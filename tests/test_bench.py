@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from hedgerow.bench import tables
 from hedgerow.server.cli import build_parser, main
 from hedgerow.server.engine.errors import HedgerowError
 from hedgerow.server.proxy.schema import CompletionRequest
@@ -78,6 +80,7 @@ def test_offline_schema_and_losslessness(tiny_folders, prompts_file, tmp_path, c
         assert res[name]["acceptance_rate"] is None and res[name]["mean_accepted_length"] is None
     table = capsys.readouterr().out
     assert table.startswith("| contender | tokens/s |") and "hf-assisted" in table
+    assert tables.offline(data["results"]) in table  # the table RESULTS.md embeds
     if HAS_MPL:
         assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["offline_acceptance.png",
                                                                            "offline_speedup.png"]
@@ -167,11 +170,13 @@ def test_oracle_sweep(tmp_path, capsys):
     gamma = data["config"]["draft_tokens"]
     assert always["ideal_speedup"] == pytest.approx((gamma + 1) / (gamma * costs["c"] + 1))
     assert (tmp_path / "sweep_speedup_vs_alpha.png").is_file() or not HAS_MPL
-    assert "t_draft" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "t_draft" in out
+    assert tables.sweep(data["results"]) in out and tables.step_costs(data) in out  # as in RESULTS.md
 
 
 def test_ideal_speedup_formula():
-    from hedgerow.bench.sweep import expected_tokens, realised_alpha
+    from hedgerow.bench.sweep_model import expected_tokens, realised_alpha
 
     assert expected_tokens(0.5, 4) == pytest.approx((1 - 0.5 ** 5) / 0.5)
     assert expected_tokens(1.0, 4) == 5.0 and expected_tokens(0.0, 4) == 1.0
@@ -182,10 +187,10 @@ def test_ideal_speedup_formula():
 # --- serve ---------------------------------------------------------------------------------------
 @contextmanager
 def grpc_server(folders):
-    grpc_service = pytest.importorskip("hedgerow.server.service.grpc_service", reason="the gRPC server is not there yet")
     from hedgerow.server.engine.engine import Engine, EngineConfig
-    from hedgerow.server.models.loader import load_pair
     from hedgerow.server.engine.runner import ModelRunner
+    from hedgerow.server.models.loader import load_pair
+    from hedgerow.server.service import grpc_service
 
     pair = load_pair(str(folders["target"]), str(folders["draft"]))
     engine = Engine(ModelRunner(pair.target, num_slots=4, max_len=128),
@@ -310,6 +315,30 @@ def test_results_md_is_current(tmp_path):
     committed = ROOT / "bench" / "RESULTS.md"
     assert committed.is_file(), "bench/RESULTS.md is missing: run python -m hedgerow.bench.results"
     assert committed.read_text() == fresh.read_text(), "bench/RESULTS.md is stale: run python -m hedgerow.bench.results"
+
+
+def test_results_and_readme_are_self_contained():
+    """No committed plots, no embedded images, no references to documents outside the repository."""
+    assert not list((ROOT / "bench" / "results").glob("*.png")), "plots are drawn into bench/out/, not committed"
+    for name in ("RESULTS.md", "README.md"):
+        text = (ROOT / "bench" / name).read_text()
+        assert "![" not in text and "§" not in text and "issue" not in text.lower(), name
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="plots need matplotlib")
+def test_report_draws_plots_into_their_own_folder(tmp_path):
+    from hedgerow.bench import results
+
+    source = ROOT / "bench" / "results" / "offline_humaneval.json"
+    (tmp_path / "results").mkdir()
+    shutil.copy(source, tmp_path / "results")
+    assert results.main(["--results-dir", str(tmp_path / "results"), "--output", str(tmp_path / "RESULTS.md"),
+                         "--plots", str(tmp_path / "plots")]) == 0
+    assert [p.name for p in (tmp_path / "results").iterdir()] == [source.name]  # nothing drawn beside the JSONs
+    drawn = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert drawn == sorted([f"{source.stem}_speedup.png", f"{source.stem}_acceptance.png"])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert all(f"`{name}`" in text for name in drawn)  # RESULTS.md names the plots the report draws
 
 
 def test_report_states_targets_from_numbers(tmp_path):

@@ -1,0 +1,148 @@
+"""RESULTS.md's section of one benchmark JSON: how it was produced, on what, and its tables (from
+``bench/tables.py``, the ones the benchmark commands print)."""
+
+from __future__ import annotations
+
+from hedgerow.bench import tables
+from hedgerow.bench.plots import plot_names
+from hedgerow.bench.report_targets import embedded
+from hedgerow.bench.tables import fmt
+
+
+def _machine(cfg: dict) -> str:
+    m = cfg["machine"]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads){gpu}; Python {m['python']}, "
+            f"torch {m['torch']}, transformers {m['transformers']}; run started {cfg['started']}"
+            + (f"; 1-min load average {m['load_average_1min_at_start']} at start, {m['load_average_1min']} at end"
+               if m.get("load_average_1min_at_start") is not None else ""))
+
+
+def _header(stem: str, data: dict, rel: str) -> list[str]:
+    cfg = data["config"]
+    made = []
+    if "--draft /tmp/random-draft" in cfg["command"]:
+        made = ["`/tmp/random-draft` (the embedded draft's shape and tokenizer, random weights) is made by "
+                "`python -m hedgerow.bench.random_draft /tmp/random-draft`.", ""]
+    return [
+        f"Produced by (`{rel}/{stem}.json`):",
+        "",
+        "```bash",
+        cfg["command"],
+        "```",
+        "",
+        *made,
+        f"Machine: {_machine(cfg)}.",
+        "",
+    ]
+
+
+def _plots(stem: str, data: dict) -> list[str]:
+    return ["Plots: " + ", ".join(f"`{name}`" for name in plot_names(data, stem)) + ".", ""]
+
+
+def offline_section(stem: str, data: dict, rel: str) -> list[str]:
+    cfg, results = data["config"], data["results"]
+    if embedded(cfg):
+        target, draft = "the embedded pair (server/embedded)", ""
+    else:
+        target, draft = cfg["target"], f", draft {cfg['draft']}"
+    sampling = "greedy" if cfg["greedy"] else ", ".join(f"{k} {v}" for k, v in cfg["sampling"].items())
+    lines = [f"## Offline speedup: `{stem}`", ""] + _header(stem, data, rel) + [
+        f"Models: target {target}{draft}; {cfg['target_device']}, {cfg['dtype']}. Workload: {cfg['prompts']}, "
+        f"{cfg['num_prompts']} prompts ({min(cfg['prompt_tokens'])}–{max(cfg['prompt_tokens'])} prompt tokens), "
+        f"up to {cfg['max_new_tokens']} new tokens, {sampling}, {cfg['repeats']} repeat(s) after "
+        f"{cfg['warmup']} warm-up prompt(s). Batch 1, one request at a time, contenders interleaved prompt by prompt.",
+        "",
+        tables.offline(results),
+        "",
+        "Mean accepted length: tokens kept per verify step, the target's own token included (ar: 1). "
+        "Acceptance rate: accepted / drafted tokens. Null for the transformers baselines.",
+        "",
+    ]
+    histogram = tables.acceptance_histogram(results)
+    if histogram:
+        lines += ["Acceptance-length histogram (verify steps that kept k tokens):", "", histogram, ""]
+    rollback = tables.rollback(results)
+    if rollback:
+        lines += ["Rollback: drafted tokens thrown away (rejected drafts, and hedge branches that missed), "
+                  "hedge branches drafted during verification and those that came true:", "", rollback, ""]
+    return lines + _plots(stem, data) + time_section(data)
+
+
+def time_section(data: dict) -> list[str]:
+    """Where the time goes: the engine's phases over the timed runs, then the profile of one prompt."""
+    lines = []
+    phases = tables.phases(data["results"])
+    if phases:
+        lines += ["### Where the time goes", "",
+                  "Engine phases (`engine.times.phases`) summed over the timed runs; 'outside' is the rest of the "
+                  "wall time (request admission, the generate loop, bookkeeping between steps).", "",
+                  phases, ""]
+        ar = next((r for r in data["results"] if r["name"] == "ar"), None)
+        for r in data["results"]:
+            if not r.get("phase_seconds") or r["name"] == "ar":
+                continue
+            p = r["phase_seconds"]
+            if ar and ar.get("phase_seconds") and r.get("verify_steps") and ar.get("verify_steps"):
+                d_step = 1e3 * p.get("draft", 0.0) / r["verify_steps"]
+                v_step = 1e3 * p.get("verify", 0.0) / r["verify_steps"]
+                ar_step = 1e3 * ar["phase_seconds"].get("verify", 0.0) / ar["verify_steps"]
+                lines.append(f"- {r['name']}: per step, drafting {d_step:.2f} ms and verifying {v_step:.2f} ms, "
+                             f"against {ar_step:.2f} ms for one plain-decoding target pass; each step keeps "
+                             f"{fmt(r['mean_accepted_length'])} tokens.")
+        lines.append("")
+    prof = data.get("profile")
+    if prof:
+        lines += ["Profile of one generation (the first prompt) per contender: Python functions by own time "
+                  "(cProfile), then PyTorch operators by self CPU time (torch profiler, a second run).", ""]
+        for name, p in prof.items():
+            total = p["seconds_profiled"] or 1.0
+            funcs = "; ".join(f"`{f['function']}` {100 * f['own_seconds'] / total:.0f}%"
+                              for f in p["python_functions"][:6])
+            op_total = p["torch_ops_seconds"] or 1.0
+            ops = "; ".join(f"`{o['op']}` {100 * o['self_seconds'] / op_total:.0f}%" for o in p["torch_ops"][:6])
+            layers = "; ".join(f"{k} {100 * v / total:.0f}%" for k, v in p.get("own_seconds_by_layer", {}).items()
+                               if v / total >= 0.005)
+            lines += [f"- **{name}** ({p['generated_tokens']} tokens, {p['seconds_profiled']:.2f} s under cProfile). "
+                      f"By layer: {layers}.", f"  Top functions: {funcs}.", f"  Operators: {ops}."]
+        lines.append("")
+    return lines
+
+
+def serve_section(stem: str, data: dict, rel: str) -> list[str]:
+    cfg = data["config"]
+    load = f"{cfg['duration']:g} s" if cfg.get("duration") else f"{cfg['requests']} requests"
+    loop = f"open loop at {cfg['rate']:g} req/s" if cfg.get("rate") else "closed loop"
+    lines = [f"## Serving under load: `{stem}`", ""] + _header(stem, data, rel)
+    if cfg.get("server_command"):
+        lines += ["Server:", "", "```bash", cfg["server_command"], "```", ""]
+    server = cfg.get("server") or {}
+    lines += [f"Client: {cfg['client']}; {loop}, {load} per concurrency and mode; {cfg['prompts']} prompts, "
+              f"{cfg['max_new_tokens']} new tokens, temperature {cfg['temperature']:g}"
+              f"{', EOS ignored' if cfg.get('ignore_eos') else ''}. Server models: target {server.get('target', '?')}, "
+              f"draft {server.get('draft', '?')}, max batch {server.get('max_batch_size', '?')}.", "",
+              tables.serve(data["results"]), "",
+              "ITL: a stream message of k tokens after a gap g counts as k tokens g / k apart.", ""]
+    return lines + _plots(stem, data)
+
+
+def sweep_section(stem: str, data: dict, rel: str) -> list[str]:
+    cfg = data["config"]
+    t, d = cfg["target_shape"], cfg["draft_shape"]
+    return [f"## Oracle-acceptance sweep (systems benchmark): `{stem}`", ""] + _header(stem, data, rel) + [
+        f"A systems benchmark, not a model benchmark: random-weight Llama models of real shapes — target "
+        f"{t['name']} ({t['params'] / 1e6:.1f}M parameters: {t['layers']} layers, hidden {t['hidden']}), draft "
+        f"{d['name']} ({d['params'] / 1e6:.1f}M: {d['layers']} layers, hidden {d['hidden']}), vocabulary {t['vocab']}; "
+        f"{cfg['device']}, {cfg['dtype']}. The draft model runs, but proposes the target's greedy continuation "
+        f"corrupted at rate 1 − α per token; γ = {cfg['draft_tokens']}, {cfg['num_prompts']} random prompts of "
+        f"{cfg['prompt_len']} tokens, {cfg['max_new_tokens']} new tokens, {cfg['repeats']} repeat(s).", "",
+        tables.step_costs(data), "",
+        "Ideal: the expected-speedup model of `docs/algorithms.md`, (1 − α^{γ+1}) / ((1 − α)(γc + 1)) with the "
+        "realised α; 'ideal, verify cost' charges the verify pass its measured cost instead of one target step. "
+        "'Kept' = measured / ideal.", "",
+        tables.sweep(data["results"]), "",
+    ] + _plots(stem, data)
+
+
+SECTIONS = {"offline": offline_section, "serve": serve_section, "sweep": sweep_section}

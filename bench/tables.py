@@ -1,0 +1,128 @@
+"""Every results table, rendered here once: the benchmark commands print them and RESULTS.md
+(``bench/report_sections.py``) embeds the same text. Each takes the ``results`` of a benchmark JSON.
+"""
+
+from __future__ import annotations
+
+from hedgerow.bench.common import speculative_histograms
+
+
+def fmt(x, digits: int = 2, suffix: str = "") -> str:
+    """A table cell: numbers rounded, None as an em dash."""
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}{suffix}"
+    return f"{x}{suffix}"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- offline ------------------------------------------------------------------------------------
+def offline(results: list[dict]) -> str:
+    """Speed, ratios to ar and the transformers baselines, acceptance, losslessness per contender."""
+    by = {r["name"]: r for r in results}
+
+    def vs(r: dict, name: str) -> str:
+        o = by.get(name)
+        return fmt(r["tokens_per_second"] / o["tokens_per_second"], 2, "×") if o and o["tokens_per_second"] else "—"
+
+    headers = ["contender", "tokens/s", "× ar", "× hf", "× hf-assisted", "mean accepted length", "acceptance rate",
+               "same tokens as ar", "tokens", "seconds"]
+    rows = [[r["name"], fmt(r["tokens_per_second"], 1), fmt(r["speedup_vs_ar"], 2, "×"), vs(r, "hf"),
+             vs(r, "hf-assisted"), fmt(r["mean_accepted_length"]), fmt(r["acceptance_rate"]),
+             fmt(r["outputs_match_ar"]), r["generated_tokens"], fmt(r["wall_seconds"], 2)] for r in results]
+    return markdown_table(headers, rows)
+
+
+def acceptance_histogram(results: list[dict]) -> str | None:
+    """Verify steps that kept k tokens, per speculative contender (None when there is none)."""
+    hists = speculative_histograms(results)
+    if not hists:
+        return None
+    longest = max(int(k) for r in hists for k in r["acceptance_length_histogram"])
+    return markdown_table(["contender"] + [str(k) for k in range(1, longest + 1)],
+                          [[r["name"]] + [r["acceptance_length_histogram"].get(str(k), 0)
+                                          for k in range(1, longest + 1)] for r in hists])
+
+
+def rollback(results: list[dict]) -> str | None:
+    """Drafted tokens thrown away and hedge branches, per speculative contender (None when there is none)."""
+    rolled = [r for r in results if r.get("rollback_tokens") is not None and r["name"] != "ar"]
+    if not rolled:
+        return None
+    return markdown_table(["contender", "rollback tokens", "rollback per generated token", "branches", "branch hits"],
+                          [[r["name"], r["rollback_tokens"],
+                            fmt(r["rollback_tokens"] / r["generated_tokens"] if r["generated_tokens"] else None),
+                            r["branches"], r["branch_hits"]] for r in rolled])
+
+
+def phases(results: list[dict]) -> str | None:
+    """The engine's phases summed over the timed runs, per engine mode (None without engine modes)."""
+    engine = [r for r in results if r.get("phase_seconds")]
+    if not engine:
+        return None
+    known = ["prefill", "draft", "verify", "accept", "commit"]
+    seen = {k for r in engine for k in r["phase_seconds"]}
+    names = [k for k in known if k in seen] + sorted(seen - set(known))
+    rows = []
+    for r in engine:
+        wall = r["wall_seconds"]
+        p = r["phase_seconds"]
+        other = wall - sum(p.get(k, 0.0) for k in names)
+        cells = [f"{p.get(k, 0.0):.2f} s ({100 * p.get(k, 0.0) / wall:.0f}%)" for k in names]
+        steps = r.get("verify_steps") or 0
+        per_step = f"{1e3 * wall / steps:.2f}" if steps else "—"
+        rows.append([r["name"]] + cells + [f"{other:.2f} s ({100 * other / wall:.0f}%)", per_step])
+    return markdown_table(["mode"] + names + ["outside the phases", "ms per step"], rows)
+
+
+# --- serve --------------------------------------------------------------------------------------
+def serve(results: list[dict]) -> str:
+    """Throughput and latency percentiles per concurrency and speculation mode, with the ratios to off."""
+    headers = ["concurrency", "speculation", "tokens/s", "req/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms",
+               "e2e p50/p90/p99 s", "tokens/s vs off", "e2e p50 speedup", "failed"]
+
+    def ms(d):
+        return " / ".join(fmt(None if d[q] is None else 1e3 * d[q], 1) for q in ("p50", "p90", "p99"))
+
+    def sec(d):
+        return " / ".join(fmt(d[q], 2) for q in ("p50", "p90", "p99"))
+
+    rows = [[r["concurrency"], r["speculation"], fmt(r["tokens_per_second"], 1), fmt(r["requests_per_second"], 2),
+             ms(r["ttft_seconds"]), ms(r["itl_seconds"]), sec(r["e2e_seconds"]),
+             fmt(r["vs_off"]["tokens_per_second"], 2, "×") if r["vs_off"] else "—",
+             fmt(r["vs_off"]["e2e_p50_speedup"], 2, "×") if r["vs_off"] else "—", r["failed"]] for r in results]
+    return markdown_table(headers, rows)
+
+
+# --- sweep --------------------------------------------------------------------------------------
+def sweep(results: list[dict]) -> str:
+    """Measured speedup per oracle acceptance rate against the ideal, and how much of it is kept."""
+    headers = ["α set", "α realised", "tokens/s", "measured speedup", "ideal", "kept", "ideal, verify cost",
+               "kept", "mean accepted length (expected)", "same tokens as ar"]
+    rows = []
+    for r in results:
+        if r.get("alpha") is None:
+            rows.append(["ar", "—", fmt(r["tokens_per_second"], 1), "1.00×", "—", "—", "—", "—", "1", "—"])
+            continue
+        rows.append([f"{r['alpha']:g}", fmt(r["alpha_realised"], 3), fmt(r["tokens_per_second"], 1),
+                     fmt(r["speedup_vs_ar"], 2, "×"), fmt(r["ideal_speedup"], 2, "×"), fmt(r["kept_of_ideal"], 2),
+                     fmt(r["ideal_speedup_verify_cost"], 2, "×"), fmt(r["kept_of_ideal_verify_cost"], 2),
+                     f"{fmt(r['mean_accepted_length'])} ({fmt(r['expected_tokens_per_step'])})",
+                     fmt(r["outputs_match_ar"])])
+    return markdown_table(headers, rows)
+
+
+def step_costs(data: dict) -> str:
+    """The sweep's measured step costs, in one sentence."""
+    c, gamma = data["step_costs"], data["config"]["draft_tokens"]
+    return (f"Step costs at batch 1 (context {c['context']}, median): target pass of 1 token "
+            f"{1e3 * c['t_target']:.2f} ms, of γ+1 = {gamma + 1} tokens {1e3 * c['t_verify']:.2f} ms, draft pass of "
+            f"1 token {1e3 * c['t_draft']:.2f} ms; c = t_draft / t_target = {c['c']:.3f}.")
