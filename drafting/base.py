@@ -1,23 +1,28 @@
-"""What a proposer needs of a sequence, and the proposer interface the engine calls.
+"""What drafting needs from the rest of the engine: a sequence, and a runner for the draft model.
 
-Proposers return ``verify.tree.DraftTree``s; that dataclass is the only thing drafting and
-verification share.
+Both are protocols: drafting depends on no engine module. The engine's ``Sequence`` and
+``ModelRunner`` satisfy them; proposers return ``hedgerow.verify.tree.DraftTree``s, the only
+thing drafting and verification share.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
+from hedgerow.drafting.spec import SpecParams
+from hedgerow.verify.flatten import FlatBatch
 from hedgerow.verify.sampling import SamplingParams
-from hedgerow.verify.tree import DraftTree
 
 
 class DraftSequence(Protocol):
-    tokens: list[int]
+    request_id: str
+    tokens: list[int]  # committed tokens, prompt included
+    prompt_len: int
+    spec: SpecParams
     draft_slot: int | None
-    draft_len: int
+    draft_len: int  # rows of ``tokens`` the draft's KV slot holds
 
     @property
     def sampling(self) -> SamplingParams: ...
@@ -25,12 +30,20 @@ class DraftSequence(Protocol):
     def generator(self, device: torch.device, stream: str = "target") -> torch.Generator: ...
 
 
-class Proposer(Protocol):
-    def propose(self, seqs: Sequence[DraftSequence], budgets: Sequence[int]) -> list[DraftTree]:
-        """One tree per sequence; a budget of 0 gives the root alone (plain decoding)."""
+class DraftRunner(Protocol):
+    """One model with its slot KV cache (the engine's ``ModelRunner``)."""
 
-    def commit(self, seq: DraftSequence, tree: DraftTree, num_accepted: int) -> None:
-        """Bring the draft's cache in line with what the target accepted."""
+    device: torch.device
+    max_len: int
+
+    def forward(self, slots: list[int], flat: FlatBatch) -> torch.Tensor:
+        """Hidden states [B, N, hidden] of a flattened batch; every node's KV is written."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the given hidden states."""
+
+    def extend(self, slots: list[int], prefix_lens: list[int], chains: list[list[int]], chunk: int) -> torch.Tensor:
+        """Append token runs to the slots; hidden state of each run's last token [B, hidden]."""
 
 
 def adapt_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:

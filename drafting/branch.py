@@ -27,7 +27,7 @@ from hedgerow.drafting.base import DraftSequence
 from hedgerow.drafting.draft_model import DraftModel
 from hedgerow.verify.flatten import pack
 from hedgerow.verify.sampling import sample, warp_probs
-from hedgerow.verify.tree import ChildRule, DraftTree, chain_parents
+from hedgerow.verify.tree import ChildRule, DraftTree
 
 
 @dataclass
@@ -40,9 +40,8 @@ class Hedge:
     def tree(self) -> DraftTree:
         tokens = [self.anchor] + self.tail
         if not self.probs:
-            return DraftTree(torch.tensor(tokens), chain_parents(len(tokens)), ChildRule.POINT_MASS)
-        probs = torch.stack(self.probs + [torch.zeros_like(self.probs[0])])
-        return DraftTree(torch.tensor(tokens), chain_parents(len(tokens)), ChildRule.IID, probs)
+            return DraftTree.chain(tokens)
+        return DraftTree.chain(tokens, ChildRule.IID, torch.stack(self.probs + [torch.zeros_like(self.probs[0])]))
 
 
 def match(hedges: Seq[Hedge], num_accepted: int, last_token: int) -> Hedge | None:
@@ -59,9 +58,15 @@ class Brancher:
         self.alternatives = alternatives  # 0: the continuation alone (pearl)
 
     def hedge(
-        self, seqs: Seq[DraftSequence], trees: Seq[DraftTree], last_logits: Seq[torch.Tensor | None], length: Seq[int]
+        self,
+        seqs: Seq[DraftSequence],
+        trees: Seq[DraftTree],
+        last_logits: Seq[torch.Tensor | None],
+        length: Seq[int],
+        passes: list[int],
     ) -> list[list[Hedge]]:
-        """Draft hedge branches for every chain; ``last_logits[i]`` is the draft's logits for d_k."""
+        """Draft hedge branches for every chain; ``last_logits[i]`` is the draft's logits for d_k,
+        ``length[i]`` the tokens each branch may draft. Pass sizes are appended to ``passes``."""
         out: list[list[Hedge]] = [[] for _ in seqs]
         jobs = []  # (index, seeds, assumed accepted counts, levels)
         for i, (s, tree, logits) in enumerate(zip(seqs, trees, last_logits)):
@@ -101,7 +106,7 @@ class Brancher:
                 lens.append(rows)
                 roots.append(len(seqs[i].tokens) - 1 + trees[i].num_draft_tokens - 1)
                 slots.append(seqs[i].draft_slot)
-            logits = self.draft.forward_logits(slots, pack(batch_tokens, depths, lens, visible, roots))
+            logits = self.draft.forward_logits(slots, pack(batch_tokens, depths, lens, visible, roots), passes)
             for row, (i, seeds, _, _, _) in enumerate(live):
                 s = seqs[i]
                 for r in range(len(seeds)):

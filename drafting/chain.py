@@ -1,16 +1,17 @@
-"""Chain proposer: the draft model drafts gamma tokens autoregressively, one batched pass per token.
+"""Chain proposer: the draft model drafts a run of tokens, one batched pass per token.
 
 Greedy requests draft the draft's argmax (children are point masses); sampled requests draw each
 token from the draft's warped distribution q and keep q for verification (i.i.d. children).
 
 Draft KV: the catch-up pass writes the rows of every committed token the draft has not seen yet
 (usually the last correction/bonus token, plus the last draft token when all were accepted);
-drafting then writes rows for d_1 .. d_(gamma-1). After verification the rows that agree with
-the committed tokens stay: the catch-up rows and the accepted draft tokens' rows (``commit``).
+drafting then writes rows for d_1 .. d_(n-1). After verification the rows that agree with the
+committed tokens stay: the catch-up rows and the accepted draft tokens' rows (``commit``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence as Seq
 
 import torch
@@ -20,41 +21,44 @@ from hedgerow.drafting.branch import Hedge
 from hedgerow.drafting.draft_model import DraftModel
 from hedgerow.verify.flatten import flatten
 from hedgerow.verify.sampling import sample, warp_probs
-from hedgerow.verify.tree import ChildRule, DraftTree, chain_parents
+from hedgerow.verify.tree import ChildRule, DraftTree
+
+StopDrafting = Callable[[torch.Tensor], bool]  # asked with each next-token distribution before drafting it
 
 
-class _One:
-    def __init__(self, token: int):
-        self.tokens = torch.tensor([token])
-        self.parents = chain_parents(1)
+@dataclass
+class Chains:
+    trees: list[DraftTree]  # one per sequence; the root alone where nothing was drafted
+    last_logits: list[torch.Tensor | None]  # the draft's logits at the last draft token (None without one)
 
 
 class ChainProposer:
-    def __init__(self, draft: DraftModel, stop_drafting: Callable[[torch.Tensor], bool] | None = None):
+    def __init__(self, draft: DraftModel):
         self.draft = draft
-        self.stop_drafting = stop_drafting  # asked with each next-token distribution (confidence policy)
 
     def propose(
-        self, seqs: Seq[DraftSequence], gammas: Seq[int], ready: Seq[Hedge | None] | None = None
-    ) -> list[DraftTree]:
-        """One chain per sequence. ``ready[i]``, a hedge branch that came true last step, is the
-        chain itself: one catch-up pass gives the draft its rows, nothing is drafted.
-
-        Afterwards ``last_logits[i]`` is the draft's logits for the last draft token (None without
-        one): the brancher hedges against its rejection."""
-        ready = list(ready) if ready is not None else [None] * len(seqs)
+        self,
+        seqs: Seq[DraftSequence],
+        sizes: Seq[int],
+        ready: Seq[Hedge | None],
+        passes: list[int],
+        stop: StopDrafting | None = None,
+    ) -> Chains:
+        """One chain of up to ``sizes[i]`` draft tokens per sequence. ``ready[i]``, a hedge branch
+        that came true last step, is the chain itself: one catch-up pass gives the draft its rows,
+        nothing is drafted. ``last_logits`` lets the brancher hedge against the last token's rejection."""
         trees = [DraftTree.root_only(s.tokens[-1]) for s in seqs]
-        self.last_logits: list[torch.Tensor | None] = [None] * len(seqs)
-        active = [i for i, g in enumerate(gammas) if g > 0]
+        last_out: list[torch.Tensor | None] = [None] * len(seqs)
+        active = [i for i, g in enumerate(sizes) if g > 0 or ready[i] is not None]
         if not active:
-            return trees
+            return Chains(trees, last_out)
         group = [seqs[i] for i in active]
         hedges = [ready[i] for i in active]
-        want = [0 if hedges[k] else gammas[i] for k, i in enumerate(active)]
+        want = [0 if hedges[k] else sizes[i] for k, i in enumerate(active)]
         drafted: list[list[int]] = [list(h.tail) if h else [] for h in hedges]
         qs: list[list[torch.Tensor]] = [list(h.probs) if h else [] for h in hedges]
 
-        logits = self.draft.catch_up(group, [d[:-1] for d in drafted])  # [B, vocab]
+        logits = self.draft.catch_up(group, passes, [d[:-1] for d in drafted])  # [B, vocab]
         last: list[torch.Tensor | None] = [logits[k] if hedges[k] else None for k in range(len(group))]
         live = [k for k in range(len(group)) if want[k] > 0]
         rows = {k: k for k in live}  # live sequence -> its row of ``logits``
@@ -62,9 +66,7 @@ class ChainProposer:
             picks = self._choose(logits[[rows[k] for k in live]], [group[k] for k in live])
             for row, k in enumerate(live):
                 token, q = picks[row]
-                if self.stop_drafting is not None and self.stop_drafting(
-                    q if q is not None else torch.softmax(logits[rows[k]], -1)
-                ):
+                if stop is not None and stop(q if q is not None else torch.softmax(logits[rows[k]], -1)):
                     want[k] = len(drafted[k])  # the draft is unsure here: stop this chain
                     continue
                 last[k] = logits[rows[k]]
@@ -76,10 +78,10 @@ class ChainProposer:
                 break
             # feed each live sequence its newest draft token, at the row after its last one
             flat = flatten(
-                [_One(drafted[k][-1]) for k in live],
+                [DraftTree.chain([drafted[k][-1]]) for k in live],
                 [group[k].draft_len + len(drafted[k]) - 1 for k in live],
             )
-            logits = self.draft.forward_logits([group[k].draft_slot for k in live], flat)[:, 0]
+            logits = self.draft.forward_logits([group[k].draft_slot for k in live], flat, passes)[:, 0]
             rows = {k: r for r, k in enumerate(live)}
 
         for k, i in enumerate(active):
@@ -87,15 +89,16 @@ class ChainProposer:
             if not drafted[k]:
                 continue  # stopped before the first token: the root alone
             tokens = [s.tokens[-1]] + drafted[k]
-            self.last_logits[i] = last[k]
+            last_out[i] = last[k]
             if s.sampling.greedy:
-                trees[i] = DraftTree(torch.tensor(tokens), chain_parents(len(tokens)), ChildRule.POINT_MASS)
+                trees[i] = DraftTree.chain(tokens)
             else:
-                probs = torch.stack(qs[k] + [torch.zeros_like(qs[k][0])])  # [gamma + 1, vocab]; leaf row unused
-                trees[i] = DraftTree(torch.tensor(tokens), chain_parents(len(tokens)), ChildRule.IID, probs)
-        return trees
+                probs = torch.stack(qs[k] + [torch.zeros_like(qs[k][0])])  # [n + 1, vocab]; leaf row unused
+                trees[i] = DraftTree.chain(tokens, ChildRule.IID, probs)
+        return Chains(trees, last_out)
 
     def _choose(self, logits: torch.Tensor, seqs: Seq[DraftSequence]) -> list[tuple[int, torch.Tensor | None]]:
+        """Each sequence's next draft token, and the q it was drawn from (None: a point mass)."""
         out: list[tuple[int, torch.Tensor | None]] = [None] * len(seqs)  # type: ignore[list-item]
         greedy = [i for i, s in enumerate(seqs) if s.sampling.greedy]
         if greedy:
@@ -107,7 +110,8 @@ class ChainProposer:
                 out[i] = (int(sample(q, s.generator(q.device, "draft"))), q)
         return out
 
-    def commit(self, seq: DraftSequence, tree: DraftTree, num_accepted: int) -> None:
-        """Keep the draft rows of accepted draft tokens (d_1 .. d_(gamma-1) have rows)."""
+    @staticmethod
+    def commit(seq: DraftSequence, tree: DraftTree, num_accepted: int) -> None:
+        """Keep the draft rows of accepted draft tokens (d_1 .. d_(n-1) have rows)."""
         if tree.num_draft_tokens:
             seq.draft_len += min(num_accepted, tree.num_draft_tokens - 1)

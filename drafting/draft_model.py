@@ -1,5 +1,10 @@
 """The draft model as proposers use it: catch up on committed tokens, give next-token logits on
-the target's vocabulary, and choose children (top-k, or Gumbel-top-k draws without replacement)."""
+the target's vocabulary, and choose children (top-k, or Gumbel-top-k draws without replacement).
+
+Every pass appends its token count to the ``passes`` list its caller hands in: the cost policy
+prices a step's draft phase from them, and the list belongs to the one ``propose`` call that
+made it (nothing here is reset by anyone else).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,16 @@ from typing import Sequence as Seq
 
 import torch
 
-from hedgerow.drafting.base import DraftSequence, adapt_vocab
-from hedgerow.server.engine.runner import ModelRunner
+from hedgerow.drafting.base import DraftRunner, DraftSequence, adapt_vocab
 from hedgerow.verify.flatten import FlatBatch
 from hedgerow.verify.sampling import SamplingParams, warp_probs
 
 
 class DraftModel:
-    def __init__(self, runner: ModelRunner, target_vocab: int, chunk: int = 512):
+    def __init__(self, runner: DraftRunner, target_vocab: int, chunk: int = 512):
         self.runner = runner
         self.target_vocab = target_vocab
         self.chunk = chunk
-        self.passes: list[int] = []  # tokens in each forward pass since the last reset (cost model input)
 
     @property
     def device(self) -> torch.device:
@@ -31,12 +34,14 @@ class DraftModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return adapt_vocab(self.runner.logits(hidden), self.target_vocab)
 
-    def forward_logits(self, slots: list[int], flat: FlatBatch) -> torch.Tensor:
+    def forward_logits(self, slots: list[int], flat: FlatBatch, passes: list[int]) -> torch.Tensor:
         """Logits [B, N, vocab] of a packed block."""
-        self.passes.append(int(flat.num_nodes.sum()))
+        passes.append(int(flat.num_nodes.sum()))
         return self.logits(self.runner.forward(slots, flat))
 
-    def catch_up(self, seqs: Seq[DraftSequence], then: Seq[list[int]] | None = None) -> torch.Tensor:
+    def catch_up(
+        self, seqs: Seq[DraftSequence], passes: list[int], then: Seq[list[int]] | None = None
+    ) -> torch.Tensor:
         """Feed every committed token the draft has not seen, then the (uncommitted) tokens ``then[i]``;
         logits of the token after the last one fed [B, vocab].
 
@@ -46,7 +51,7 @@ class DraftModel:
         """
         starts = [min(s.draft_len, len(s.tokens) - 1) for s in seqs]
         chains = [s.tokens[a:] + (list(then[i]) if then else []) for i, (s, a) in enumerate(zip(seqs, starts))]
-        self.passes.append(sum(len(c) for c in chains))
+        passes.append(sum(len(c) for c in chains))
         hidden = self.runner.extend([s.draft_slot for s in seqs], starts, chains, self.chunk)
         for s in seqs:
             s.draft_len = len(s.tokens)

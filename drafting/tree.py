@@ -90,13 +90,15 @@ class TreeProposer:
     def __init__(self, draft: DraftModel):
         self.draft = draft
 
-    def propose(self, seqs: Seq[DraftSequence], shapes: Seq[TreeShape]) -> list[DraftTree]:
+    def propose(self, seqs: Seq[DraftSequence], shapes: Seq[TreeShape], passes: list[int]) -> list[DraftTree]:
+        """One tree per sequence (the root alone where its shape allows nothing); the token count
+        of every draft pass is appended to ``passes``."""
         trees = [DraftTree.root_only(s.tokens[-1]) for s in seqs]
         active = [i for i, sh in enumerate(shapes) if sh.budget > 0 and sh.depth > 0]
         if not active:
             return trees
         builds = [_Build(seqs[i], shapes[i], [_Node(seqs[i].tokens[-1], -1, 0, 0.0, ())]) for i in active]
-        logits = self.draft.catch_up([b.seq for b in builds])  # [B, vocab]: the root's next token
+        logits = self.draft.catch_up([b.seq for b in builds], passes)  # [B, vocab]: the root's next token
         for b, row in zip(builds, logits):
             self._expand(b, 0, row)
         for _ in range(1, max(b.shape.depth for b in builds)):
@@ -104,7 +106,7 @@ class TreeProposer:
             frontier = [(b, f) for b, f in frontier if f]
             if not frontier:
                 break
-            out = self._feed(frontier)  # [B', n, vocab]
+            out = self._feed(frontier, passes)  # [B', n, vocab]
             for (b, f), rows in zip(frontier, out):
                 b.newest = []
                 for u, row in zip(f, rows):
@@ -112,9 +114,6 @@ class TreeProposer:
         for i, b in zip(active, builds):
             trees[i] = self._finish(b)
         return trees
-
-    def commit(self, seq: DraftSequence, tree: DraftTree, num_accepted: int) -> None:
-        """Nothing to keep: the draft cache holds committed tokens only (catch-up feeds the rest)."""
 
     # --- construction ------------------------------------------------------------------------
     def _children_count(self, b: _Build, u: int) -> int:
@@ -153,7 +152,7 @@ class TreeProposer:
         room = self.draft.max_len - b.seq.draft_len - len(b.fed)
         return cand[: max(0, room)]
 
-    def _feed(self, frontier: list[tuple[_Build, list[int]]]) -> list[torch.Tensor]:
+    def _feed(self, frontier: list[tuple[_Build, list[int]]], passes: list[int]) -> list[torch.Tensor]:
         """One batched draft pass over every sequence's frontier; logits per frontier node."""
         tokens, depths, visible, lens, roots, slots = [], [], [], [], [], []
         for b, f in frontier:
@@ -171,7 +170,7 @@ class TreeProposer:
             lens.append(b.seq.draft_len)
             roots.append(b.seq.draft_len - 1)
             slots.append(b.seq.draft_slot)
-        logits = self.draft.forward_logits(slots, pack(tokens, depths, lens, visible, roots))
+        logits = self.draft.forward_logits(slots, pack(tokens, depths, lens, visible, roots), passes)
         for b, f in frontier:
             b.fed.extend(f)
         return [logits[i, : len(f)] for i, (_, f) in enumerate(frontier)]

@@ -6,12 +6,23 @@ Every user error ends with one line ``hedgerow: error: ...`` and exit status 2, 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
 
 from hedgerow.server.engine.errors import HedgerowError
+
+
+# Subcommands living in their own modules: each has ``add_arguments(parser)`` and ``run(args)``,
+# and its docstring's first line is the subcommand's help.
+SUBCOMMANDS = {
+    "serve": "hedgerow.server.service.serve",
+    "proxy": "hedgerow.server.proxy.cli",
+    "train-pair": "hedgerow.server.embedded.train.cli",
+    "bench": "hedgerow.bench.cli",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,29 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats) instead")
     gen.set_defaults(func=cmd_generate)
 
-    for name, module in (
-        ("serve", "hedgerow.server.service.serve"),
-        ("proxy", "hedgerow.server.proxy.app"),
-        ("train-pair", "hedgerow.server.embedded.train.pair"),
-        ("bench", "hedgerow.bench.cli"),
-    ):
-        _add_lazy(sub, name, module)
-    return parser
-
-
-def _add_lazy(sub, name: str, module: str) -> None:
-    """Subcommands living in other modules; skipped if that module is not there."""
-    import importlib
-
-    try:
+    for name, module in SUBCOMMANDS.items():
         mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:
-            return
-        raise
-    p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
-    mod.add_arguments(p)
-    p.set_defaults(func=mod.run)
+        p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0])
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+    return parser
 
 
 # --- shared construction ----------------------------------------------------------------------
@@ -215,7 +209,7 @@ def cmd_generate(args) -> int:
     detok = IncrementalDetokenizer(tokenizer)
     start = time.perf_counter()
     while engine.has_work():
-        for out in engine.step():
+        for out in engine.step().outputs:
             if out.error:
                 raise HedgerowError(f"generation failed: {out.error}")
             delta = detok.push(out.token_ids)

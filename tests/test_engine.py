@@ -3,14 +3,12 @@
 import pytest
 import torch
 
-from hedgerow.server.engine.runner import ModelRunner
-from hedgerow.server.engine.sequence import SpecMode
-from tests.tiny import EOS, hf_greedy, make_engine, request, tiny_model
+from hedgerow.drafting.spec import SpecMode
+from tests.tiny import PROMPTS, EOS, hf_greedy, make_engine, request, runner, tiny_model, transformers_attention
 from hedgerow.verify.flatten import flatten
 from hedgerow.verify.sampling import SamplingParams
 from hedgerow.verify.tree import DraftTree
 
-PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -102,46 +100,40 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(pair, mode):
 
 
 def _plain_logits(model, tokens):
-    model.set_attn_implementation("sdpa")
-    try:
-        with torch.no_grad():
-            return model(torch.tensor([tokens])).logits[0].float()
-    finally:
-        from hedgerow.server.models import attention
-
-        model.set_attn_implementation(attention.REFERENCE)
+    with transformers_attention(model), torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float()
 
 
 def test_compaction_and_truncation_equal_recomputation(pair):
     target, _ = pair
-    runner = ModelRunner(target, num_slots=3, max_len=64)
+    run = runner(target, slots=3, max_len=64)
     prompt = [7, 8, 9, 10, 11, 12]
-    slot = runner.cache.allocate()
-    runner.extend([slot], [0], [prompt[:-1]], chunk=4)
+    slot = run.cache.allocate()
+    run.extend([slot], [0], [prompt[:-1]], chunk=4)
     L = len(prompt) - 1
     # a tree under the root: keep path 0 -> 2 -> 5 (tokens 12, 31, 33)
     tree = DraftTree(torch.tensor([12, 30, 31, 32, 40, 33]), torch.tensor([-1, 0, 0, 1, 1, 2]))
-    runner.forward([slot], flatten([tree], [L]))
-    runner.cache.compact([slot], [[L + 0, L + 2, L + 5]], [L])
+    run.forward([slot], flatten([tree], [L]))
+    run.cache.compact([slot], [[L + 0, L + 2, L + 5]], [L])
     kept = prompt + [31, 33]
     probe = DraftTree(torch.tensor([50, 51]), torch.tensor([-1, 0]))
-    got = runner.logits(runner.forward([slot], flatten([probe], [len(kept)])))[0]
+    got = run.logits(run.forward([slot], flatten([probe], [len(kept)])))[0]
     want = _plain_logits(target, kept + [50, 51])[-2:]
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     # truncation: forget the probe rows and write a different continuation over them
     probe2 = DraftTree(torch.tensor([60]), torch.tensor([-1]))
-    got2 = runner.logits(runner.forward([slot], flatten([probe2], [len(kept)])))[0, 0]
+    got2 = run.logits(run.forward([slot], flatten([probe2], [len(kept)])))[0, 0]
     assert torch.allclose(got2, _plain_logits(target, kept + [60])[-1], atol=1e-5)
 
 
 def test_ragged_batch_with_non_contiguous_slots(pair):
     target, _ = pair
-    runner = ModelRunner(target, num_slots=4, max_len=64)
-    slots = [runner.cache.allocate() for _ in range(4)]
+    run = runner(target, slots=4, max_len=64)
+    slots = [run.cache.allocate() for _ in range(4)]
     a, b = [1, 2, 3, 4, 5, 6], [9, 8, 7]
-    runner.extend([slots[3], slots[1]], [0, 0], [a[:-1], b[:-1]], chunk=2)
+    run.extend([slots[3], slots[1]], [0, 0], [a[:-1], b[:-1]], chunk=2)
     trees = [DraftTree(torch.tensor([6, 20, 21]), torch.tensor([-1, 0, 0])), DraftTree(torch.tensor([7]), torch.tensor([-1]))]
-    got = runner.logits(runner.forward([slots[3], slots[1]], flatten(trees, [5, 2])))
+    got = run.logits(run.forward([slots[3], slots[1]], flatten(trees, [5, 2])))
     assert torch.allclose(got[0, 2], _plain_logits(target, a + [21])[-1], atol=1e-5)
     assert torch.allclose(got[1, 0], _plain_logits(target, b)[-1], atol=1e-5)
 
@@ -178,7 +170,7 @@ def test_a_failing_request_fails_alone(pair, references):
     bad = engine.add_request(request("bad", [3, 9, 4], 40))
     errors, seqs = {}, {}
     while engine.has_work():
-        for out in engine.step():
+        for out in engine.step().outputs:
             seqs[out.request_id] = out.sequence
             if out.error:
                 errors[out.request_id] = out.error

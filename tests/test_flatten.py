@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from hedgerow.verify.flatten import flatten, retrieve_indices, tree_depths_and_ancestors
+from hedgerow.verify.flatten import flatten, tree_depths_and_ancestors
 
 
 def random_parents(n: int, rng: random.Random) -> list[int]:
@@ -60,9 +60,3 @@ def test_chain_fast_path_equals_general_construction():
     depth, anc = tree_depths_and_ancestors(parents)
     assert depth.tolist() == list(range(7))
     assert torch.equal(anc, torch.ones(7, 7, dtype=torch.bool).tril())
-
-
-def test_retrieve_indices_lists_every_root_to_leaf_path():
-    parents = torch.tensor([-1, 0, 0, 1, 1, 2])
-    assert retrieve_indices(parents).tolist() == [[0, 1, 3], [0, 1, 4], [0, 2, 5]]
-    assert retrieve_indices(torch.tensor([-1])).tolist() == [[0]]

@@ -2,12 +2,11 @@
 
 import pytest
 
-from hedgerow.server.engine.sequence import SpecMode, SpecParams
-from tests.tiny import (chi_square_check, exact_joint, hf_greedy, make_engine, perturbed_copy, request,
+from hedgerow.drafting.spec import SpecMode, SpecParams
+from tests.tiny import (PROMPTS, chi_square_check, exact_joint, hf_greedy, make_engine, perturbed_copy, request,
                         tiny_model)
 from hedgerow.verify.sampling import SamplingParams
 
-PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

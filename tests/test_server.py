@@ -26,9 +26,8 @@ from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
 from hedgerow.server.engine.runner import ModelRunner
 from hedgerow.server.engine.sequence import SpecMode
 from tests.live import LiveServer
-from tests.tiny import EOS, hf_greedy, make_engine, perturbed_copy, tiny_model
+from tests.tiny import PROMPTS, EOS, hf_greedy, make_engine, perturbed_copy, tiny_model
 
-PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
 N = 24  # new tokens per request
 EOS_PROMPT = PROMPTS[0]  # the target's greedy output for it ends with EOS after 10 tokens
 

@@ -5,15 +5,13 @@ import pytest
 import torch
 
 from hedgerow.drafting.tree import static_shape
-from hedgerow.server.engine.runner import ModelRunner
-from hedgerow.server.engine.sequence import SpecMode, SpecParams
-from tests.tiny import (chi_square_check, exact_joint, hf_greedy, last_logits, make_engine, perturbed_copy, request,
+from hedgerow.drafting.spec import SpecMode, SpecParams
+from tests.tiny import (PROMPTS, chi_square_check, exact_joint, hf_greedy, last_logits, make_engine, perturbed_copy, request, runner,
                         tiny_model)
 from hedgerow.verify.flatten import flatten
 from hedgerow.verify.sampling import SamplingParams
 from hedgerow.verify.tree import DraftTree
 
-PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
 DYNAMIC = SpecParams(mode=SpecMode.TREE, tree_budget=12, tree_depth=4, tree_topk=3)
 STATIC = SpecParams(mode=SpecMode.TREE, tree_budget=10, tree_depth=4, tree_topk=3, tree_static=True)
 
@@ -30,16 +28,16 @@ def pair(arch):
 
 def test_tree_pass_equals_each_root_to_node_path(arch):
     target = tiny_model(arch, seed=0, dtype=torch.float32)
-    runner = ModelRunner(target, num_slots=3, max_len=64)
+    run = runner(target, slots=3, max_len=64)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15]]
     trees = [
         DraftTree(torch.tensor([7, 20, 21, 22, 23, 24]), torch.tensor([-1, 0, 0, 1, 1, 3])),
         DraftTree(torch.tensor([10, 30]), torch.tensor([-1, 0])),
         DraftTree(torch.tensor([15, 40, 41, 42]), torch.tensor([-1, 0, 0, 0])),
     ]
-    slots = [runner.cache.allocate() for _ in prompts]
-    runner.extend(slots, [0] * 3, [p[:-1] for p in prompts], chunk=4)
-    logits = runner.logits(runner.forward(slots, flatten(trees, [len(p) - 1 for p in prompts])))
+    slots = [run.cache.allocate() for _ in prompts]
+    run.extend(slots, [0] * 3, [p[:-1] for p in prompts], chunk=4)
+    logits = run.logits(run.forward(slots, flatten(trees, [len(p) - 1 for p in prompts])))
     for b, (p, tree) in enumerate(zip(prompts, trees)):
         parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
         for i in range(len(tokens)):

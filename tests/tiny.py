@@ -5,48 +5,65 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from hedgerow.server.engine.engine import Engine, EngineConfig
+from contextlib import contextmanager
+
+from hedgerow.drafting.spec import SpecMode, SpecParams
+from hedgerow.server.engine.config import EngineConfig
+from hedgerow.server.engine.engine import Engine
 from hedgerow.server.engine.runner import ModelRunner
-from hedgerow.server.engine.sequence import Request, SpecMode, SpecParams
-from hedgerow.server.models import attention
+from hedgerow.server.engine.sequence import Request
+from hedgerow.server.models.hf import TransformersModel
 from hedgerow.verify.sampling import SamplingParams
 
 VOCAB = 128
 EOS = 1
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]  # ragged token prompts
 
 
 def tiny_model(arch: str = "llama", *, seed: int = 0, layers: int = 2, hidden: int = 64,
                dtype: torch.dtype = torch.float64, init_range: float = 0.2):
     """A random model; a wide init gives peaked distributions, so argmax has clear margins."""
-    attention.register()
     common = dict(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         initializer_range=init_range, eos_token_id=EOS, bos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
     )
     cls, cfg = (LlamaForCausalLM, LlamaConfig(**common)) if arch == "llama" else (Qwen2ForCausalLM, Qwen2Config(**common))
-    cfg._attn_implementation = attention.REFERENCE
+    cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return cls(cfg).to(dtype).eval()
 
 
-def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """The target alone, through transformers' own generate and attention (the reference)."""
+@contextmanager
+def transformers_attention(model):
+    """Run ``model`` with transformers' own attention (the reference), whatever it was set to."""
+    before = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
     try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The target alone, through transformers' own generate and attention (the reference)."""
+    with transformers_attention(model):
         out = model.generate(
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=EOS, pad_token_id=0,
         )
-    finally:
-        model.set_attn_implementation(attention.REFERENCE)
     gen = out[0, len(prompt):].tolist()
     return gen[: gen.index(EOS) + 1] if EOS in gen else gen
 
 
+def runner(model, *, slots=8, max_len=256, name="model") -> ModelRunner:
+    """A runner over a transformers model (tests build them directly from configs)."""
+    return ModelRunner(TransformersModel(model), num_slots=slots, max_len=max_len, name=name)
+
+
 def make_engine(target, draft=None, *, mode=SpecMode.CHAIN, gamma=4, slots=8, max_len=256, adaptive="none", **cfg) -> Engine:
-    t = ModelRunner(target, num_slots=slots, max_len=max_len, name="target")
-    d = ModelRunner(draft, num_slots=slots, max_len=max_len, name="draft") if draft is not None else None
+    t = runner(target, slots=slots, max_len=max_len, name="target")
+    d = runner(draft, slots=slots, max_len=max_len, name="draft") if draft is not None else None
     config = EngineConfig(max_model_len=max_len, max_batch_size=slots, spec=SpecParams(mode=mode, draft_tokens=gamma), adaptive=adaptive, **cfg)
     return Engine(t, d, eos_token_ids=[EOS], config=config)
 
@@ -68,12 +85,8 @@ def perturbed_copy(model, scale: float = 0.005, seed: int = 5):
 
 
 def last_logits(model, tokens: list[int]) -> torch.Tensor:
-    model.set_attn_implementation("sdpa")
-    try:
-        with torch.no_grad():
-            return model(torch.tensor([tokens])).logits[0, -1].float()
-    finally:
-        model.set_attn_implementation(attention.REFERENCE)
+    with transformers_attention(model), torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0, -1].float()
 
 
 def exact_joint(model, prompt: list[int], sampling: SamplingParams, length: int) -> dict:

@@ -16,14 +16,11 @@ would be NaN), and the runner sends their KV writes to a scratch slot.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
-
-class TreeShape(Protocol):
-    tokens: torch.Tensor  # [N]
-    parents: torch.Tensor  # [N]
+from hedgerow.verify.tree import DraftTree
 
 
 @dataclass
@@ -37,10 +34,6 @@ class FlatBatch:
     prefix_lens: torch.Tensor  # [B] int64
     num_nodes: torch.Tensor  # [B] int64
     depths: torch.Tensor  # [B, N] int64
-
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.shape[0]
 
     @property
     def kv_len(self) -> int:
@@ -126,26 +119,9 @@ def pack(
     )
 
 
-def flatten(trees: Sequence[TreeShape], prefix_lens: Sequence[int]) -> FlatBatch:
+def flatten(trees: Sequence[DraftTree], prefix_lens: Sequence[int]) -> FlatBatch:
     """Pure function: trees + cached prefix lengths -> the tensors of one batched forward (on CPU)."""
     if len(trees) != len(prefix_lens) or not trees:
         raise ValueError("flatten needs one prefix length per tree and at least one tree")
     shapes = [tree_depths_and_ancestors(t.parents) for t in trees]
     return pack([t.tokens for t in trees], [d for d, _ in shapes], prefix_lens, [a for _, a in shapes])
-
-
-def retrieve_indices(parents: torch.Tensor) -> torch.Tensor:
-    """Node indices along every root-to-leaf path, [num_leaves, max_depth + 1], padded with -1."""
-    par = parents.tolist()
-    n = len(par)
-    has_child = [False] * n
-    for i in range(1, n):
-        has_child[par[i]] = True
-    paths = []
-    for leaf in (i for i in range(n) if not has_child[i]):
-        path = [leaf]
-        while par[path[-1]] >= 0:
-            path.append(par[path[-1]])
-        paths.append(path[::-1])
-    width = max(len(p) for p in paths)
-    return torch.tensor([p + [-1] * (width - len(p)) for p in paths], dtype=torch.long)

@@ -21,7 +21,7 @@ import torch
 class ChildRule(enum.Enum):
     """How a node's children were produced; this decides the lossless acceptance rule.
 
-    algorithms.md §2.1: using the rule of another generation process is biased.
+    docs/algorithms.md (token trees): using the rule of another generation process is biased.
     """
 
     POINT_MASS = "point_mass"  # chosen deterministically (argmax / top-k): q is a point mass on each
@@ -79,11 +79,9 @@ class DraftTree:
         return cls(torch.tensor([token]), torch.tensor([-1]))
 
     @classmethod
-    def chain(cls, tokens: list[int], rule: ChildRule, draft_probs: torch.Tensor | None) -> "DraftTree":
-        n = len(tokens)
-        return cls(torch.tensor(tokens), torch.arange(n) - 1, rule, draft_probs)
-
-
-def chain_parents(n: int) -> torch.Tensor:
-    """Parents of an n-node chain: [-1, 0, 1, ..., n-2]."""
-    return torch.arange(n) - 1
+    def chain(
+        cls, tokens: list[int], rule: ChildRule = ChildRule.POINT_MASS, draft_probs: torch.Tensor | None = None
+    ) -> "DraftTree":
+        """The one constructor of chains (each node has one child): drafted chains, hedge tails,
+        and the plain token runs of prefill and catch-up."""
+        return cls(torch.tensor(tokens, dtype=torch.long), torch.arange(len(tokens)) - 1, rule, draft_probs)

@@ -22,13 +22,35 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
-from hedgerow.server.engine.engine import Engine, StepOutput
+from hedgerow.server.engine.commit import StepOutput
+from hedgerow.server.engine.engine import Engine
 from hedgerow.server.engine.errors import HedgerowError
-from hedgerow.server.service.metrics import Metrics
 from hedgerow.server.engine.sequence import FinishReason, Request, Sequence, SpecMode
 
 log = logging.getLogger("hedgerow.async_engine")
+
+
+class EngineMetrics(Protocol):
+    """What the engine thread reports (the server's Prometheus metrics implement it)."""
+
+    def record_prompt(self, tokens: int) -> None: ...
+    def record_queue(self, seconds: float) -> None: ...
+    def record_phases(self, phases: dict[str, float]) -> None: ...
+    def record_step(self, *, emitted: int, draft_tokens: int, accepted_tokens: int, speculative: bool,
+                    branches: int, branch_hit: bool) -> None: ...
+    def set_load(self, *, running: int, waiting: int, kv_slots: dict[str, int]) -> None: ...
+
+
+class NoMetrics:
+    """Reports nowhere (tools and tests that run the engine thread without a server)."""
+
+    def record_prompt(self, tokens): pass
+    def record_queue(self, seconds): pass
+    def record_phases(self, phases): pass
+    def record_step(self, **counts): pass
+    def set_load(self, **load): pass
 
 
 @dataclass(frozen=True)
@@ -92,13 +114,12 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, metrics: Metrics | None = None):
+    def __init__(self, engine: Engine, metrics: EngineMetrics | None = None):
         self.engine = engine
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics if metrics is not None else NoMetrics()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._thread = threading.Thread(target=self._run, name="hedgerow-engine", daemon=True)
-        self._last_phases: dict[str, float] | None = None
 
     # --- event-loop side -------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,7 +211,7 @@ class AsyncEngine:
     def _step(self) -> None:
         started = time.perf_counter()
         try:
-            outputs = self.engine.step()
+            result = self.engine.step()
         except Exception as exc:  # the engine fails requests itself; this is a bug: fail the batch, go on
             log.exception("engine step failed")
             for stream in list(self._streams.values()):
@@ -198,11 +219,10 @@ class AsyncEngine:
                 self._finish(stream, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
             self._set_load()
             return
-        if self.engine.last_step_phases is not self._last_phases:
-            self._last_phases = self.engine.last_step_phases
-            self.metrics.record_phases(self._last_phases)
+        if result.phases is not None:
+            self.metrics.record_phases(result.phases)
         updates = []
-        for out in outputs:
+        for out in result.outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue

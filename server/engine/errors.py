@@ -4,3 +4,7 @@
 class HedgerowError(Exception):
     """Bad input or configuration; the CLI prints it without a traceback, the server maps it to
     INVALID_ARGUMENT."""
+
+
+class OverloadedError(HedgerowError):
+    """The waiting queue is full (the server maps it to RESOURCE_EXHAUSTED)."""

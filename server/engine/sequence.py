@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hedgerow.drafting.spec import SpecMode, SpecParams
 from hedgerow.verify.sampling import SamplingParams
 
 
@@ -26,32 +27,6 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"
     ABORT = "abort"
     ERROR = "error"
-
-
-class SpecMode(str, enum.Enum):
-    AR = "ar"  # plain decoding: one target pass per token, no draft
-    CHAIN = "chain"
-    TREE = "tree"
-
-
-@dataclass(frozen=True)
-class SpecParams:
-    mode: SpecMode = SpecMode.CHAIN
-    draft_tokens: int = 4  # gamma, for chains
-    tree_budget: int = 16  # draft nodes below the root, for trees
-    tree_depth: int = 6  # levels below the root, for trees
-    tree_topk: int = 4  # children per expanded node, for trees
-    tree_static: bool = False  # a fixed top-k rank shape instead of a dynamic tree
-
-    def __post_init__(self) -> None:
-        if self.draft_tokens < 0:
-            raise ValueError(f"draft_tokens must be >= 0, got {self.draft_tokens}")
-        if self.tree_budget < 0:
-            raise ValueError(f"tree_budget must be >= 0, got {self.tree_budget}")
-        if self.tree_depth < 0:
-            raise ValueError(f"tree_depth must be >= 0, got {self.tree_depth}")
-        if self.tree_topk < 1:
-            raise ValueError(f"tree_topk must be >= 1, got {self.tree_topk}")
 
 
 @dataclass(frozen=True)
@@ -109,8 +84,6 @@ class Sequence:
         self.draft_len = 0
         self.finish_reason: FinishReason | None = None
         self.stats = SeqStats()
-        self.policy_state: dict = {}  # the draft-length policy's per-sequence memory
-        self.ready_hedge = None  # a hedge branch that came true: the next step's draft (overlap modes)
         self.seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         self._generators: dict[tuple[str, torch.device], torch.Generator] = {}
 
@@ -129,10 +102,6 @@ class Sequence:
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len :]
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
     def generator(self, device: torch.device, stream: str = "target") -> torch.Generator:
         """This sequence's own random stream (``draft`` or ``target``) on ``device``: its draws never

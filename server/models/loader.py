@@ -1,7 +1,7 @@
 """Load target and draft through transformers, from a Hugging Face id or a local folder.
 
 Hedgerow's attention function is registered and selected at load time, so the runner owns the
-KV cache and the mask. A draft and a target must share a tokenizer: same vocabulary, same
+KV cache and the mask (server/models/hf.py). A draft and a target must share a tokenizer: same vocabulary, same
 special tokens. A mismatched pair is refused here, naming both.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from hedgerow.server.engine.errors import HedgerowError
-from hedgerow.server.models import attention
+from hedgerow.server.models import hf
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -66,18 +66,16 @@ def load_tokenizer(path: str, role: str):
         raise HedgerowError(f"cannot load the {role} tokenizer from {path!r}: {_first_line(exc)}") from None
 
 
-def load_model(path: str, role: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def load_model(path: str, role: str, device: torch.device, dtype: torch.dtype) -> hf.TransformersModel:
     from transformers import AutoModelForCausalLM
 
     check_source(path, role)
-    attention.register()
+    hf.register()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(path), dtype=dtype, attn_implementation=attention.REFERENCE
-        )
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), dtype=dtype, attn_implementation=hf.ATTENTION)
     except (OSError, ValueError) as exc:
         raise HedgerowError(f"cannot load the {role} model from {path!r}: {_first_line(exc)}") from None
-    return model.to(device).eval()
+    return hf.TransformersModel(model.to(device))
 
 
 def _special_tokens(tok) -> dict[str, object]:
@@ -107,8 +105,8 @@ def check_pair(target_tok, draft_tok, target_name: str, draft_name: str) -> None
 @dataclass
 class LoadedPair:
     tokenizer: object
-    target: torch.nn.Module
-    draft: torch.nn.Module | None
+    target: hf.TransformersModel
+    draft: hf.TransformersModel | None
 
 
 def load_pair(

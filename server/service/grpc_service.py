@@ -31,8 +31,8 @@ from grpc_reflection.v1alpha import reflection
 
 from hedgerow.server.engine.async_engine import AsyncEngine, Update
 from hedgerow.server.detokenize import IncrementalDetokenizer
-from hedgerow.server.engine.engine import Engine, OverloadedError
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.engine.engine import Engine
+from hedgerow.server.engine.errors import HedgerowError, OverloadedError
 from hedgerow.server.service.metrics import Metrics
 from hedgerow.server.rpc import generation_pb2 as pb
 from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
@@ -342,7 +342,7 @@ async def start_server(engine: Engine, tokenizer, *, host: str = "127.0.0.1", po
                        config: ServiceConfig = ServiceConfig(), metrics: Metrics | None = None) -> GrpcServer:
     """Start the engine thread and a grpc.aio server with the Generation, health and reflection
     services; ``port`` 0 picks a free port (see ``.port``)."""
-    async_engine = AsyncEngine(engine, metrics)
+    async_engine = AsyncEngine(engine, metrics if metrics is not None else Metrics())
     server = grpc.aio.server()
     pb_grpc.add_GenerationServicer_to_server(GenerationService(async_engine, tokenizer, config), server)
     health_servicer = health.aio.HealthServicer()

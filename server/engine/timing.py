@@ -1,0 +1,60 @@
+"""Where a step's time goes, on an injectable clock, and the pass timings calibration fits.
+
+Every duration the engine reports (step phases, the cost policy's samples, calibration) is read
+from one clock, ``time.perf_counter`` unless a test hands in its own, so tests that depend on
+time can run on a clock they control.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from hedgerow.verify.flatten import flatten
+from hedgerow.verify.tree import DraftTree
+
+Clock = Callable[[], float]
+
+
+class PhaseClock:
+    """Laps of one step: ``lap("draft")`` books the time since the previous lap to ``draft``."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.start = self._last = clock()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = self.clock()
+        self.phases[phase] = now - self._last
+        self._last = now
+
+
+class PhaseTotals:
+    """Seconds per phase summed over steps (bench reads them; the server turns each step's into histograms)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    def add(self, phases: dict[str, float]) -> None:
+        for k, v in phases.items():
+            self.phases[k] = self.phases.get(k, 0.0) + v
+
+
+def pass_timer(runners: dict, clock: Clock, repeats: int = 3) -> Callable[[str, int], float]:
+    """``measure(name, n)``: the fastest of ``repeats`` forward passes of ``n`` tokens of
+    ``runners[name]``, after one warm-up pass (kernels, allocator), in its scratch slot (no
+    sequence is touched). The fastest, so a busy machine does not teach a pessimistic model;
+    online measurements refine it."""
+
+    def measure(name: str, n: int) -> float:
+        runner = runners[name]
+        flat = flatten([DraftTree.chain([0] * n)], [0])
+        best = float("inf")
+        for rep in range(repeats + 1):
+            t = clock()
+            runner.logits(runner.forward([runner.cache.scratch_slot], flat)[:, -1]).argmax(-1).tolist()
+            if rep:
+                best = min(best, clock() - t)
+        return best
+
+    return measure
