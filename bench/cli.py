@@ -1,7 +1,7 @@
 """benchmarks: offline speedup, latency under load, oracle-acceptance sweeps, the results report
 
     hedgerow bench offline [--target T --draft D] --prompts humaneval --num-prompts 10 --max-new-tokens 128 \\
-        --modes ar,chain,tree --baselines hf,hf-assisted --output bench/results/offline.json
+        --modes plain,chain,tree --baselines hf,hf-assisted --output bench/results/offline.json
     hedgerow bench serve --grpc 127.0.0.1:50051 --concurrency 1,4,16,64 --duration 30
     hedgerow bench sweep --oracle-acceptance 0.5,0.7,0.9
     hedgerow bench report            # bench/RESULTS.md from bench/results/*.json, plots into bench/out/plots

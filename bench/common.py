@@ -2,7 +2,9 @@
 acceptance summaries, and writing the JSON evidence.
 
 Every benchmark JSON has the same top level: ``config`` (with ``kind``: offline, serve or sweep;
-``command``: the ``hedgerow bench ...`` line that reproduces it; ``machine``) and ``results``.
+``schema_version``; ``command``: the ``hedgerow bench ...`` line that reproduces it; ``machine``) and
+``results``. Schema version 2 uses the names of docs/glossary.md; version 1 files are read through
+``bench/results.py``'s ``current_names``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def machine_info() -> dict:
@@ -113,8 +115,9 @@ def csv(kind, name: str):
 
 # --- acceptance ---------------------------------------------------------------------------------
 def acceptance_summary(stats: Iterable) -> dict:
-    """Sum ``SeqStats`` of many sequences: acceptance rate (accepted / drafted), mean accepted
-    length (tokens kept per verify step, the target's own token included) and its histogram."""
+    """Sum ``SeqStats`` of many sequences: acceptance rate (accepted draft tokens / drafted tokens),
+    mean accepted length (emitted tokens per verify step, the target's own token included) and its
+    histogram."""
     hist: Counter = Counter()
     drafted = accepted = steps = 0
     for s in stats:
@@ -162,4 +165,4 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def speculative_histograms(results: list[dict]) -> list[dict]:
     """The results of speculative contenders that carry an acceptance-length histogram (the RESULTS.md
     table and the plot of acceptance lengths show these)."""
-    return [r for r in results if r.get("acceptance_length_histogram") and r["name"] != "ar"]
+    return [r for r in results if r.get("acceptance_length_histogram") and r["name"] != "plain"]

@@ -2,7 +2,7 @@
 
 Every figure is a ratio measured in one run: same machine, same models, same prompts.
 
-    ar            Hedgerow, plain decoding (one target pass per token): the reference for speedups
+    plain         Hedgerow, plain decoding (one target pass per token): the reference for speedups
     chain[@G]     Hedgerow, chain drafts of G tokens (default --draft-tokens)
     tree[@B]      Hedgerow, dynamic (EAGLE-2 style) trees of B nodes (default --tree-budget)
     tree-static[@B]  Hedgerow, a static top-k rank tree of B nodes
@@ -51,13 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling: prompt i of repeat r uses seed + r * N + i")
     add_threads_arg(g)
     g = p.add_argument_group("contenders")
-    g.add_argument("--modes", type=csv(str, "--modes"), default=["ar", "chain", "tree"],
-                   help="Hedgerow modes: ar, chain[@G], tree[@B], tree-static[@B] (default: ar,chain,tree)")
+    g.add_argument("--modes", type=csv(str, "--modes"), default=["plain", "chain", "tree"],
+                   help="Hedgerow modes: plain, chain[@G], tree[@B], tree-static[@B] (default: plain,chain,tree)")
     g.add_argument("--baselines", type=csv(str, "--baselines"), default=["hf", "hf-assisted"],
                    help="hf, hf-assisted, or none (default: hf,hf-assisted)")
     # `hedgerow generate`'s speculation flags but --mode: --modes names the modes, the flags apply to each
     add_spec_args(p, include_mode=False,
-                  title="speculation (every mode; @N in --modes overrides gamma or the tree budget)")
+                  title="speculation (every mode; @N in --modes overrides the draft tokens or the tree budget)")
     g = p.add_argument_group("output")
     g.add_argument("--output", help="write the results JSON here")
     g.add_argument("--plots", help="write PNG plots into this folder")
@@ -78,7 +78,7 @@ def build(args, needs_draft: bool):
     """One engine (batch 1) with the draft loaded when any contender needs it."""
     from hedgerow.server.cli import build_engine
 
-    ns = argparse.Namespace(**{**vars(args), "mode": "chain" if needs_draft else "ar", "max_batch_size": 1})
+    ns = argparse.Namespace(**{**vars(args), "mode": "chain" if needs_draft else "plain", "max_batch_size": 1})
     return build_engine(ns)  # validates the speculation flags too
 
 
@@ -94,7 +94,7 @@ def run(args) -> int:
     sampling = sampling_from_args(argparse.Namespace(**{**vars(args), "seed": None}))
     need = [c.name for c in contenders if c.uses_draft]
     if need and args.target is not None and args.draft is None:
-        raise HedgerowError(f"{', '.join(need)} need --draft (or run only --modes ar --baselines hf)")
+        raise HedgerowError(f"{', '.join(need)} need --draft (or run only --modes plain --baselines hf)")
     load_prompts(args.prompts, args.num_prompts)  # a bad --prompts fails before the models load
     engine, tokenizer = build(args, bool(need))
     prompts = load_prompts(args.prompts, args.num_prompts, tokenizer)  # now in the chat template, if any
@@ -110,8 +110,8 @@ def run(args) -> int:
         "config": new_config(
             "offline", args,
             embedded_pair=args.target is None and args.draft is None,
-            target=engine.target.model.model.name_or_path,
-            draft=engine.draft.model.model.name_or_path if engine.draft else None,
+            target=engine.target.model.name_or_path,
+            draft=engine.draft.model.name_or_path if engine.draft else None,
             target_device=str(engine.target.device), dtype=str(engine.target.dtype).removeprefix("torch."),
             prompts=args.prompts, num_prompts=n, prompt_tokens=[len(x) for x in prompt_ids],
             max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,

@@ -1,6 +1,6 @@
 """The contenders of ``hedgerow bench offline``, and one timed generation through each.
 
-Hedgerow's modes (``ar``, ``chain[@G]``, ``tree[@B]``, ``tree-static[@B]``) run through one Hedgerow
+Hedgerow's modes (``plain``, ``chain[@G]``, ``tree[@B]``, ``tree-static[@B]``) run through one Hedgerow
 engine (batch 1) with a per-request ``SpecParams``; the baselines are transformers' ``generate``
 (``hf``) and assisted generation (``hf-assisted``, its default schedule) on the same model objects,
 switched to SDPA attention for the call.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from hedgerow.server.engine.errors import HedgerowError
 
-ENGINE_MODES = ("ar", "chain", "tree", "tree-static")
+ENGINE_MODES = ("plain", "chain", "tree", "tree-static")
 BASELINES = ("hf", "hf-assisted")
 
 
@@ -27,12 +27,12 @@ class Contender:
 
     @property
     def uses_draft(self) -> bool:
-        return self.kind == "hf-assisted" or (self.kind == "engine" and self.spec.mode.value != "ar")
+        return self.kind == "hf-assisted" or (self.kind == "engine" and self.spec.mode.value != "plain")
 
 
 def parse_contenders(args) -> list[Contender]:
     """``--modes`` then ``--baselines``; every mode takes the speculation flags, ``@N`` overriding
-    gamma (chain) or the tree budget (tree, tree-static)."""
+    the draft tokens (chain) or the tree budget (tree, tree-static)."""
     from hedgerow.server.cli import spec_from_args
     from hedgerow.server.engine.sequence import SpecMode
 
@@ -43,10 +43,10 @@ def parse_contenders(args) -> list[Contender]:
     out: list[Contender] = []
     for name in args.modes:
         mode, _, n = name.partition("@")
-        if mode not in ENGINE_MODES or (n and (not n.isdigit() or mode == "ar")):
-            raise HedgerowError(f"--modes: {name!r} is not one of ar, chain[@G], tree[@B], tree-static[@B]")
-        if mode == "ar":
-            spec = replace(base, mode=SpecMode.AR)
+        if mode not in ENGINE_MODES or (n and (not n.isdigit() or mode == "plain")):
+            raise HedgerowError(f"--modes: {name!r} is not one of plain, chain[@G], tree[@B], tree-static[@B]")
+        if mode == "plain":
+            spec = replace(base, mode=SpecMode.PLAIN)
         elif mode == "chain":
             spec = replace(base, mode=SpecMode.CHAIN, draft_tokens=int(n) if n else base.draft_tokens)
         else:
@@ -89,12 +89,11 @@ class Runner:
         from hedgerow.server.cli import eos_ids
 
         self.engine = engine
-        self.target = engine.target.model.model  # the transformers modules under the engine's adapters
-        self.draft = engine.draft.model.model if engine.draft else None
         self.device = engine.target.device
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
-        self.eos = sorted(eos_ids(tokenizer, self.target))
+        self.eos = sorted(eos_ids(tokenizer, engine.target.model))
+        self._baselines = None  # transformers' own models of the pair, loaded at the first baseline run
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
         self.counter = 0
@@ -125,10 +124,26 @@ class Runner:
         phases = {k: v - before.get(k, 0.0) for k, v in self.engine.times.phases.items()}
         return Run(list(seq.generated), seconds, seq.stats, phases)
 
+    def baselines(self) -> tuple:
+        """The target and draft as transformers loads them (SDPA attention), the same weights at
+        the engine's dtype and device: the baselines run transformers' code, not Hedgerow's."""
+        if self._baselines is None:
+            from transformers import AutoModelForCausalLM
+
+            def load(runner):
+                if runner is None:
+                    return None
+                model = AutoModelForCausalLM.from_pretrained(runner.model.name_or_path, dtype=runner.dtype,
+                                                             attn_implementation="sdpa")
+                return model.to(runner.device).eval()
+
+            self._baselines = load(self.engine.target), load(self.engine.draft)
+        return self._baselines
+
     def _hf(self, c: Contender, prompt_ids: list[int], seed: int) -> Run:
         import torch
 
-        models = [self.target] + ([self.draft] if c.kind == "hf-assisted" else [])
+        target, draft = self.baselines()
         kwargs = dict(max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad)
         if self.sampling.greedy:
             kwargs.update(do_sample=False)
@@ -136,22 +151,15 @@ class Runner:
             kwargs.update(do_sample=True, temperature=self.sampling.temperature, top_k=self.sampling.top_k,
                           top_p=self.sampling.top_p)
         if c.kind == "hf-assisted":
-            kwargs["assistant_model"] = self.draft
+            kwargs["assistant_model"] = draft
         ids = torch.tensor([prompt_ids], device=self.device)
         mask = torch.ones_like(ids)
-        before = [m.config._attn_implementation for m in models]
-        for m in models:
-            m.set_attn_implementation("sdpa")
-        try:
-            torch.manual_seed(seed)
-            self._sync()
-            t0 = time.perf_counter()
-            out = self.target.generate(ids, attention_mask=mask, **kwargs)
-            self._sync()
-            seconds = time.perf_counter() - t0
-        finally:
-            for m, impl in zip(models, before):
-                m.set_attn_implementation(impl)
+        torch.manual_seed(seed)
+        self._sync()
+        t0 = time.perf_counter()
+        out = target.generate(ids, attention_mask=mask, **kwargs)
+        self._sync()
+        seconds = time.perf_counter() - t0
         gen = out[0, len(prompt_ids):].tolist()
         for i, tok in enumerate(gen):  # batch 1 stops at EOS; cut defensively all the same
             if tok in self.eos:

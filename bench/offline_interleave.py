@@ -40,11 +40,11 @@ def run_interleaved(runner: Runner, contenders: list[Contender], prompt_ids: lis
 
 
 def results(contenders: list[Contender], runs: dict[str, list[Run]], repeats: int, n: int, greedy: bool) -> list[dict]:
-    """One entry per contender, with its speedup over ar when ar ran."""
+    """One entry per contender, with its speedup over plain decoding when ``plain`` ran."""
     out = [summarize(c, runs, repeats, n, greedy) for c in contenders]
-    ar = next((res for res in out if res["name"] == "ar"), None)
+    plain = next((res for res in out if res["name"] == "plain"), None)
     for res in out:
-        res["speedup_vs_ar"] = ratio(res["tokens_per_second"], ar["tokens_per_second"]) if ar else None
+        res["speedup_vs_plain"] = ratio(res["tokens_per_second"], plain["tokens_per_second"]) if plain else None
     return out
 
 
@@ -57,19 +57,19 @@ def summarize(c: Contender, runs: dict[str, list[Run]], repeats: int, n: int, gr
         part = mine[rep * n:(rep + 1) * n]
         secs = sum(r.seconds for r in part)
         by_repeat.append(sum(len(r.tokens) for r in part) / secs if secs else None)
-    if greedy and "ar" in runs:
-        match = all(a.tokens == b.tokens for a, b in zip(mine, runs["ar"]))
+    if greedy and "plain" in runs:
+        match = all(a.tokens == b.tokens for a, b in zip(mine, runs["plain"]))
     else:
         match = None
     res = {
         "name": c.name,
         "kind": c.kind,
         "tokens_per_second": tokens / wall if wall else None,
-        "speedup_vs_ar": None,
+        "speedup_vs_plain": None,
         "mean_accepted_length": None,
         "acceptance_rate": None,
         "acceptance_length_histogram": None,
-        "outputs_match_ar": match,
+        "outputs_match_plain": match,
         "generated_tokens": tokens,
         "wall_seconds": wall,
         "tokens_per_second_by_repeat": by_repeat,
@@ -79,7 +79,7 @@ def summarize(c: Contender, runs: dict[str, list[Run]], repeats: int, n: int, gr
         acc = acceptance_summary(r.stats for r in mine)
         res.update({k: acc[k] for k in ("mean_accepted_length", "acceptance_rate", "acceptance_length_histogram",
                                         "verify_steps", "draft_tokens", "accepted_tokens")})
-        # with an adaptive draft-length policy the engine picks gamma / the tree size per step
+        # with an adaptive draft-size policy the engine picks the draft budget per step
         res["mean_draft_tokens_per_step"] = acc["draft_tokens"] / acc["verify_steps"] if acc["verify_steps"] else None
         # drafted tokens thrown away (rejected drafts and hedge branches that missed), and the branches
         for key in ("rollback_tokens", "branches", "branch_hits"):

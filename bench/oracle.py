@@ -36,9 +36,9 @@ class OracleProposer(ChainProposer):
         self.alpha = alpha
         self.rng = random.Random(seed)
 
-    def propose(self, seqs: Seq, gammas: Seq[int], *args, **kwargs) -> list[DraftTree]:
+    def propose(self, seqs: Seq, sizes: Seq[int], *args, **kwargs) -> list[DraftTree]:
         self._offset = {id(s): 0 for s in seqs}
-        return super().propose(seqs, gammas, *args, **kwargs)
+        return super().propose(seqs, sizes, *args, **kwargs)
 
     def _choose(self, logits: torch.Tensor, seqs: Seq) -> list[tuple[int, torch.Tensor | None]]:
         logits.argmax(-1).tolist()  # the work a real greedy pick does (argmax, device->host copy), discarded

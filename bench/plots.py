@@ -46,12 +46,12 @@ def _speedup(plt, data: dict):
     cfg, results = data["config"], data["results"]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     names = [r["name"] for r in results]
-    speed = [r["speedup_vs_ar"] or 0.0 for r in results]
+    speed = [r["speedup_vs_plain"] or 0.0 for r in results]
     colors = ["#2b6a4d" if r["kind"] == "engine" else "#999999" for r in results]
     bars = ax.bar(names, speed, color=colors)
     ax.bar_label(bars, labels=[f"{s:.2f}×" for s in speed], padding=2, fontsize=8)
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_ylabel("tokens/s relative to ar")
+    ax.set_ylabel("tokens/s relative to plain decoding")
     ax.set_title(f"Speedup over plain decoding\n{_title(cfg)}", fontsize=9)
     return fig
 
@@ -69,7 +69,7 @@ def _acceptance(plt, data: dict):
                [hist.get(str(x), 0) / total for x in xs], width,
                label=f"{r['name']} (mean {r['mean_accepted_length']:.2f})")
     ax.set_xticks(xs)
-    ax.set_xlabel("tokens kept per verify step (target's token included)")
+    ax.set_xlabel("emitted tokens per verify step (the target's own token included)")
     ax.set_ylabel("share of steps")
     ax.set_title(f"Acceptance length\n{_title(data['config'])}", fontsize=9)
     ax.legend(fontsize=8)
@@ -102,7 +102,7 @@ def _speedup_vs_alpha(plt, data: dict):
     cfg = data["config"]
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
     xs = [r["alpha_realised"] for r in rows]
-    ax.plot(xs, [r["speedup_vs_ar"] for r in rows], "o-", label="measured", color="#2b6a4d")
+    ax.plot(xs, [r["speedup_vs_plain"] for r in rows], "o-", label="measured", color="#2b6a4d")
     ax.plot(xs, [r["ideal_speedup"] for r in rows], "s--", label="ideal (verify = 1 target step)", color="#999999")
     ax.plot(xs, [r["ideal_speedup_verify_cost"] for r in rows], "^:", label="ideal, measured verify cost",
             color="#c07a2b")
@@ -110,7 +110,8 @@ def _speedup_vs_alpha(plt, data: dict):
     ax.set_xlabel("per-token acceptance α (realised)")
     ax.set_ylabel("speedup over plain decoding")
     t, d = cfg["target_shape"], cfg["draft_shape"]
-    ax.set_title(f"Systems benchmark: oracle drafter, γ={cfg['draft_tokens']}, {cfg['device']} {cfg['dtype']}\n"
+    ax.set_title(f"Systems benchmark: oracle drafter, {cfg['draft_tokens']} draft tokens, "
+                 f"{cfg['device']} {cfg['dtype']}\n"
                  f"target {t['name']} ({t['params'] / 1e6:.3g}M), draft {d['name']} ({d['params'] / 1e6:.3g}M), "
                  f"random weights", fontsize=9)
     ax.legend(fontsize=8)

@@ -56,13 +56,13 @@ def offline_section(stem: str, data: dict, rel: str) -> list[str]:
         "",
         tables.offline(results),
         "",
-        "Mean accepted length: tokens kept per verify step, the target's own token included (ar: 1). "
-        "Acceptance rate: accepted / drafted tokens. Null for the transformers baselines.",
+        "Mean accepted length: emitted tokens per verify step, the target's own token included (plain: 1). "
+        "Acceptance rate: accepted draft tokens / drafted tokens. Null for the transformers baselines.",
         "",
     ]
     histogram = tables.acceptance_histogram(results)
     if histogram:
-        lines += ["Acceptance-length histogram (verify steps that kept k tokens):", "", histogram, ""]
+        lines += ["Acceptance-length histogram (verify steps that emitted k tokens):", "", histogram, ""]
     rollback = tables.rollback(results)
     if rollback:
         lines += ["Rollback: drafted tokens thrown away (rejected drafts, and hedge branches that missed), "
@@ -79,17 +79,17 @@ def time_section(data: dict) -> list[str]:
                   "Engine phases (`engine.times.phases`) summed over the timed runs; 'outside' is the rest of the "
                   "wall time (request admission, the generate loop, bookkeeping between steps).", "",
                   phases, ""]
-        ar = next((r for r in data["results"] if r["name"] == "ar"), None)
+        plain = next((r for r in data["results"] if r["name"] == "plain"), None)
         for r in data["results"]:
-            if not r.get("phase_seconds") or r["name"] == "ar":
+            if not r.get("phase_seconds") or r["name"] == "plain":
                 continue
             p = r["phase_seconds"]
-            if ar and ar.get("phase_seconds") and r.get("verify_steps") and ar.get("verify_steps"):
+            if plain and plain.get("phase_seconds") and r.get("verify_steps") and plain.get("verify_steps"):
                 d_step = 1e3 * p.get("draft", 0.0) / r["verify_steps"]
                 v_step = 1e3 * p.get("verify", 0.0) / r["verify_steps"]
-                ar_step = 1e3 * ar["phase_seconds"].get("verify", 0.0) / ar["verify_steps"]
+                plain_step = 1e3 * plain["phase_seconds"].get("verify", 0.0) / plain["verify_steps"]
                 lines.append(f"- {r['name']}: per step, drafting {d_step:.2f} ms and verifying {v_step:.2f} ms, "
-                             f"against {ar_step:.2f} ms for one plain-decoding target pass; each step keeps "
+                             f"against {plain_step:.2f} ms for one plain-decoding target pass; each step emits "
                              f"{fmt(r['mean_accepted_length'])} tokens.")
         lines.append("")
     prof = data.get("profile")
@@ -135,8 +135,9 @@ def sweep_section(stem: str, data: dict, rel: str) -> list[str]:
         f"{t['name']} ({t['params'] / 1e6:.1f}M parameters: {t['layers']} layers, hidden {t['hidden']}), draft "
         f"{d['name']} ({d['params'] / 1e6:.1f}M: {d['layers']} layers, hidden {d['hidden']}), vocabulary {t['vocab']}; "
         f"{cfg['device']}, {cfg['dtype']}. The draft model runs, but proposes the target's greedy continuation "
-        f"corrupted at rate 1 − α per token; γ = {cfg['draft_tokens']}, {cfg['num_prompts']} random prompts of "
-        f"{cfg['prompt_len']} tokens, {cfg['max_new_tokens']} new tokens, {cfg['repeats']} repeat(s).", "",
+        f"corrupted at rate 1 − α per token; γ = {cfg['draft_tokens']} draft tokens per step, "
+        f"{cfg['num_prompts']} random prompts of {cfg['prompt_len']} tokens, {cfg['max_new_tokens']} new tokens, "
+        f"{cfg['repeats']} repeat(s).", "",
         tables.step_costs(data), "",
         "Ideal: the expected-speedup model of `docs/algorithms.md`, (1 − α^{γ+1}) / ((1 − α)(γc + 1)) with the "
         "realised α; 'ideal, verify cost' charges the verify pass its measured cost instead of one target step. "

@@ -12,10 +12,10 @@ TARGET_TEXT = "embedded pair, CPU, greedy, the first 10 HumanEval prompts, 128 n
 
 
 def best_speculative(results: list[dict]) -> dict | None:
-    """The fastest Hedgerow speculative mode among those whose output was checked equal to ar's
-    (greedy) or not checkable (sampling)."""
+    """The fastest Hedgerow speculative mode among those whose output was checked equal to plain
+    decoding's (greedy) or not checkable (sampling)."""
     spec = [r for r in results
-            if r["kind"] == "engine" and r["name"] != "ar" and r["outputs_match_ar"] is not False]
+            if r["kind"] == "engine" and r["name"] != "plain" and r["outputs_match_plain"] is not False]
     return max(spec, key=lambda r: r["tokens_per_second"] or 0.0, default=None)
 
 
@@ -23,16 +23,16 @@ def targets(results: list[dict]) -> list[tuple[str, float, float | None, str]]:
     """(what, required ratio, measured ratio or None, how measured)."""
     by = {r["name"]: r for r in results}
     best = best_speculative(results)
-    ar, hf, hfa = by.get("ar"), by.get("hf"), by.get("hf-assisted")
+    plain, hf, hfa = by.get("plain"), by.get("hf"), by.get("hf-assisted")
 
     def r(a, b):
         return a["tokens_per_second"] / b["tokens_per_second"] if a and b and b["tokens_per_second"] else None
 
     name = best["name"] if best else "—"
     return [
-        ("best speculative mode ≥ 2.0× plain decoding", 2.0, r(best, ar), f"{name} / ar"),
+        ("best speculative mode ≥ 2.0× plain decoding", 2.0, r(best, plain), f"{name} / plain"),
         ("best speculative mode ≥ 1.5× HF assisted generation", 1.5, r(best, hfa), f"{name} / hf-assisted"),
-        ("plain decoding ≥ 1.0× HF generate", 1.0, r(ar, hf), "ar / hf"),
+        ("plain decoding ≥ 1.0× HF generate", 1.0, r(plain, hf), "plain / hf"),
     ]
 
 
@@ -58,7 +58,8 @@ def target_section(runs: list[tuple[str, dict]]) -> list[str]:
     if not assessed:
         return lines + ["No run in bench/results has that configuration yet: the targets are not assessed.", ""]
     specs = assessed[0][2]
-    headers = ["run", "best mode", "best / ar (≥ 2.0×)", "best / hf-assisted (≥ 1.5×)", "ar / hf (≥ 1.0×)", "met"]
+    headers = ["run", "best mode", "best / plain (≥ 2.0×)", "best / hf-assisted (≥ 1.5×)", "plain / hf (≥ 1.0×)",
+               "met"]
     rows, best = [], [None] * len(specs)
     for stem, data, ts in assessed:
         met = 0
@@ -81,7 +82,7 @@ def target_section(runs: list[tuple[str, dict]]) -> list[str]:
                          f"(`{b[1]}`).")
     lines.append("")
     for stem, data, _ in assessed:
-        mismatched = [r["name"] for r in data["results"] if r["outputs_match_ar"] is False]
+        mismatched = [r["name"] for r in data["results"] if r["outputs_match_plain"] is False]
         if mismatched:
             lines += [f"`{stem}`: output differs from plain decoding for {', '.join(mismatched)} "
                       "(excluded from 'best mode').", ""]

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
+from hedgerow.bench.common import SCHEMA_VERSION
 from hedgerow.bench.report_sections import SECTIONS
 from hedgerow.bench.report_targets import target_section
 
@@ -39,8 +41,35 @@ def load(folder: str | Path) -> list[tuple[str, dict]]:
     for path in sorted(Path(folder).glob("*.json")):
         data = json.loads(path.read_text())
         if isinstance(data, dict) and "config" in data and "kind" in data["config"]:
-            out.append((path.stem, data))
+            out.append((path.stem, current_names(data)))
     return out
+
+
+def current_names(data: dict) -> dict:
+    """A benchmark JSON in the names of docs/glossary.md. Schema version 1 (the results committed
+    before the names were settled) spelt plain decoding "ar" (offline and sweep contenders, their keys,
+    the profile, ``--modes``) or "off" (serve modes, ``--spec-modes``), and the draft tokens of the
+    server's ModelInfo "max_draft_tokens": such a file is returned with those names replaced; a newer
+    file is returned as it is."""
+    if data["config"].get("schema_version") != 1:
+        return data
+    keys = {"ar": "plain", "speedup_vs_ar": "speedup_vs_plain", "outputs_match_ar": "outputs_match_plain",
+            "vs_off": "vs_plain", "max_draft_tokens": "draft_tokens"}
+    values = {"ar": "plain", "off": "plain", "SPECULATION_MODE_OFF": "SPECULATION_MODE_PLAIN"}
+
+    def rename(x):
+        if isinstance(x, dict):
+            return {keys.get(k, k): rename(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rename(v) for v in x]
+        return values.get(x, x) if isinstance(x, str) else x
+
+    data = rename(data)
+    data["config"]["schema_version"] = SCHEMA_VERSION
+    data["config"]["command"] = re.sub(r"(--(?:spec-)?modes )(\S+)",
+                                       lambda m: m[1] + ",".join(values.get(w, w) for w in m[2].split(",")),
+                                       data["config"]["command"])
+    return data
 
 
 def render(folder: str | Path = RESULTS_DIR) -> str:

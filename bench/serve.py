@@ -1,11 +1,11 @@
-"""Latency under load: a running server, driven at several concurrencies, speculation on and off.
+"""Latency under load: a running server, driven at several concurrencies, speculative and plain decoding.
 
     hedgerow bench serve --grpc 127.0.0.1:50051 --concurrency 1,4,16,64 --duration 30
     hedgerow bench serve --openai http://127.0.0.1:8000 --concurrency 1,4 --requests 64
 
-Reported per concurrency and speculation mode (``--spec-modes``, default ``off,chain``): TTFT,
+Reported per concurrency and speculation mode (``--spec-modes``, default ``plain,chain``): TTFT,
 inter-token and end-to-end latency percentiles, output tokens/s and requests/s, and, for each
-speculative mode, its ratio to ``off`` at the same concurrency. The clients are in
+speculative mode, its ratio to ``plain`` at the same concurrency. The clients are in
 ``serve_clients``, the load generator in ``serve_load``, the statistics in ``serve_stats``.
 """
 
@@ -22,7 +22,7 @@ from hedgerow.bench.prompts import load_prompts
 from hedgerow.bench.serve_load import measure
 from hedgerow.server.engine.errors import HedgerowError
 
-SPEC_MODES = ("off", "chain", "tree")
+SPEC_MODES = ("plain", "chain", "tree")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--duration", type=float, default=None, help="seconds per concurrency and mode (default: 30)")
     g.add_argument("--requests", type=int, default=None, help="requests per concurrency and mode, instead of --duration")
     g.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second (default: closed loop)")
-    g.add_argument("--spec-modes", type=csv(str, "--spec-modes"), default=["off", "chain"],
-                   help="speculation modes to compare, off first (default: off,chain)")
+    g.add_argument("--spec-modes", type=csv(str, "--spec-modes"), default=["plain", "chain"],
+                   help="speculation modes to compare, plain first (default: plain,chain)")
     g.add_argument("--repeats", type=int, default=1, help="alternating rounds of the modes (default: 1)")
     g.add_argument("--warmup", type=int, default=2, help="untimed requests per mode first (default: 2)")
     g = p.add_argument_group("requests")
@@ -72,7 +72,7 @@ def check_args(args) -> None:
         raise HedgerowError(f"--concurrency values must be >= 1, got {args.concurrency}")
     bad = [m for m in args.spec_modes if m not in SPEC_MODES]
     if bad or len(set(args.spec_modes)) != len(args.spec_modes):
-        raise HedgerowError(f"--spec-modes: {','.join(args.spec_modes)} is not a list of distinct off, chain, tree")
+        raise HedgerowError(f"--spec-modes: {','.join(args.spec_modes)} is not a list of distinct plain, chain, tree")
     if args.repeats < 1 or args.warmup < 0 or args.max_new_tokens < 1:
         raise HedgerowError("--repeats and --max-new-tokens must be >= 1, --warmup >= 0")
 

@@ -6,7 +6,7 @@
 - ``OpenAIClient`` (``--openai URL``): ``POST URL/v1/completions`` with ``"stream": true`` (OpenAI
   SSE: ``data: {json}`` lines, ``data: [DONE]`` at the end), plain ``urllib`` in a thread per
   in-flight request. The mode goes in the proxy's Hedgerow extension object
-  ``"hedgerow": {"speculation": {"mode": "off" | "chain" | "tree"}}`` (``hedgerow proxy``; other
+  ``"hedgerow": {"speculation": {"mode": "plain" | "chain" | "tree"}}`` (``hedgerow proxy``; other
   servers refuse or ignore it). The SSE chunks carry text only: the token count is
   ``usage.completion_tokens`` of the last chunk when the server sends it (we ask with
   ``stream_options.include_usage``), else one per chunk; the inter-token gaps are spread evenly
@@ -53,7 +53,7 @@ class GrpcClient:
         self.timeout = timeout
         self.channel = grpc.aio.insecure_channel(addr)
         self.stub = pb_grpc.GenerationStub(self.channel)
-        self.modes = {"off": pb.SPECULATION_MODE_OFF, "chain": pb.SPECULATION_MODE_CHAIN,
+        self.modes = {"plain": pb.SPECULATION_MODE_PLAIN, "chain": pb.SPECULATION_MODE_CHAIN,
                       "tree": pb.SPECULATION_MODE_TREE}
 
     async def info(self) -> dict:

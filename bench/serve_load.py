@@ -4,7 +4,7 @@ For every concurrency C and every speculation mode, C clients each send a reques
 last token, and send the next (a closed loop), until ``--duration`` seconds have passed or
 ``--requests`` requests were sent. With ``--rate R`` requests arrive instead as a Poisson process of
 R per second, at most C in flight (an open loop). Modes alternate within each concurrency
-(``--repeats`` rounds of off, chain, ...), so drift hits both alike; speculation is chosen per
+(``--repeats`` rounds of plain, chain, ...), so drift hits both alike; speculation is chosen per
 request, on the same server.
 """
 
@@ -17,7 +17,7 @@ import sys
 import time
 
 from hedgerow.bench.serve_clients import GrpcClient, OpenAIClient, Sample, error_text
-from hedgerow.bench.serve_stats import summarize, vs_off
+from hedgerow.bench.serve_stats import summarize, vs_plain
 from hedgerow.server.engine.errors import HedgerowError
 
 
@@ -91,11 +91,11 @@ async def measure(args, prompts: list[str]) -> dict:
                     runs[mode].append(await drive(client, prompts, mode, c, args))
                     bar.update()
             level = {m: summarize(*_merge(parts)) for m, parts in runs.items()}
-            off = level.get("off")
+            plain = level.get("plain")
             for mode, res in level.items():
-                entry = {"concurrency": c, "speculation": mode, **res, "vs_off": None}
-                if off is not None and mode != "off":
-                    entry["vs_off"] = vs_off(res, off)
+                entry = {"concurrency": c, "speculation": mode, **res, "vs_plain": None}
+                if plain is not None and mode != "plain":
+                    entry["vs_plain"] = vs_plain(res, plain)
                 results.append(entry)
         bar.close()
         return {"server": info, "results": results}

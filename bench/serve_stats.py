@@ -1,5 +1,5 @@
 """Statistics of ``hedgerow bench serve``: one load level's samples as its results entry, and a
-speculative mode against ``off`` at the same concurrency.
+speculative mode against ``plain`` at the same concurrency.
 
 Per request: TTFT (send -> first token), end-to-end latency, and inter-token latency: a stream
 message carrying k tokens after a gap g counts as k tokens g / k apart (speculative steps commit
@@ -61,13 +61,13 @@ def summarize(samples: list[Sample], wall: float) -> dict:
     }
 
 
-def vs_off(res: dict, off: dict) -> dict:
-    """A speculative mode's summary against off's: throughput ratios, and latency ratios as speedups
-    (off / on: > 1 means speculation is faster)."""
+def vs_plain(res: dict, plain: dict) -> dict:
+    """A speculative mode's summary against plain decoding's: throughput ratios, and latency ratios as
+    speedups (plain / speculative: > 1 means speculation is faster)."""
     return {
-        "tokens_per_second": ratio(res["tokens_per_second"], off["tokens_per_second"]),
-        "requests_per_second": ratio(res["requests_per_second"], off["requests_per_second"]),
-        "e2e_p50_speedup": ratio(off["e2e_seconds"]["p50"], res["e2e_seconds"]["p50"]),
-        "ttft_p50_speedup": ratio(off["ttft_seconds"]["p50"], res["ttft_seconds"]["p50"]),
-        "itl_p50_speedup": ratio(off["itl_seconds"]["p50"], res["itl_seconds"]["p50"]),
+        "tokens_per_second": ratio(res["tokens_per_second"], plain["tokens_per_second"]),
+        "requests_per_second": ratio(res["requests_per_second"], plain["requests_per_second"]),
+        "e2e_p50_speedup": ratio(plain["e2e_seconds"]["p50"], res["e2e_seconds"]["p50"]),
+        "ttft_p50_speedup": ratio(plain["ttft_seconds"]["p50"], res["ttft_seconds"]["p50"]),
+        "itl_p50_speedup": ratio(plain["itl_seconds"]["p50"], res["itl_seconds"]["p50"]),
     }

@@ -5,8 +5,8 @@ Models of real shapes with random weights (no download, ``sweep_shapes``); the d
 the target's known greedy continuation corrupted at rate 1 - alpha per token. This measures the
 system (scheduling, KV bookkeeping, verify cost, overheads), not a draft model's quality.
 
-For each alpha, against plain decoding (``ar``) on the same engine, prompts interleaved
-(``sweep_runs``): measured = tokens/s(chain, oracle alpha) / tokens/s(ar), against the ideal of the
+For each alpha, against plain decoding (``plain``) on the same engine, prompts interleaved
+(``sweep_runs``): measured = tokens/s(chain, oracle alpha) / tokens/s(plain), against the ideal of the
 expected-speedup model (``sweep_model``, docs/algorithms.md), kept = measured / ideal. Step costs
 are measured at a context of prompt + max_new_tokens / 2.
 """
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="alphas, per-token acceptance of the oracle drafter (default: 0.5,0.7,0.9)")
     g.add_argument("--target-shape", default="llama-100m", help="preset or key=value list (default: llama-100m)")
     g.add_argument("--draft-shape", default="llama-10m", help="preset or key=value list (default: llama-10m)")
-    g.add_argument("--draft-tokens", type=int, default=4, help="gamma (default: 4)")
+    g.add_argument("--draft-tokens", type=int, default=4, help="draft tokens per step of the chain (default: 4)")
     g.add_argument("--num-prompts", type=int, default=4, help="random prompts (default: 4)")
     g.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt (default: 64)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="per prompt, EOS ignored (default: 64)")
@@ -72,24 +72,24 @@ def run(args) -> int:
     apply_threads(args)
     device = parse_device(args.device, "--device")
     dtype = resolve_dtype(args.dtype, device)
-    gamma = args.draft_tokens
+    draft_tokens = args.draft_tokens
 
     bench = OracleBench(target_shape, draft_shape, args, device, dtype)
     prompts = random_prompts(target_shape.vocab, args.num_prompts, args.prompt_len, args.seed)
     bench.warm_up(prompts, alphas[0], args.seed)
-    costs = measure_costs(bench.engine, gamma, args.prompt_len + args.max_new_tokens // 2, args.cost_samples)
+    costs = measure_costs(bench.engine, draft_tokens, args.prompt_len + args.max_new_tokens // 2, args.cost_samples)
     runs = bench.interleaved(prompts, alphas, args.repeats, args.seed)
     data = {
         "config": new_config(
             "sweep", args, label="systems benchmark: random-weight models of real shapes, oracle drafter",
             target_shape={"name": args.target_shape, **asdict(target_shape), "params": target_shape.params()},
             draft_shape={"name": args.draft_shape, **asdict(draft_shape), "params": draft_shape.params()},
-            device=str(device), dtype=str(dtype).removeprefix("torch."), draft_tokens=gamma,
+            device=str(device), dtype=str(dtype).removeprefix("torch."), draft_tokens=draft_tokens,
             num_prompts=args.num_prompts, prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
             repeats=args.repeats, oracle_acceptance=alphas,
         ),
         "step_costs": costs,
-        "results": results(runs, alphas, gamma, costs),
+        "results": results(runs, alphas, draft_tokens, costs),
     }
     write_json(args.output, data)
     print(tables.sweep(data["results"]) + "\n\n" + tables.step_costs(data))

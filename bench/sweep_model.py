@@ -20,9 +20,9 @@ import statistics
 import time
 
 
-def expected_tokens(alpha: float, gamma: int) -> float:
+def expected_tokens(alpha: float, draft_tokens: int) -> float:
     """(1 - a^(g+1)) / (1 - a): tokens per verify pass, bonus included (→ g + 1 as a → 1)."""
-    return gamma + 1.0 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return draft_tokens + 1.0 if alpha >= 1.0 else (1 - alpha ** (draft_tokens + 1)) / (1 - alpha)
 
 
 def realised_alpha(steps: list[tuple[int, int]]) -> float | None:
@@ -34,11 +34,13 @@ def realised_alpha(steps: list[tuple[int, int]]) -> float | None:
     return accepted / (accepted + rejections) if accepted + rejections else None
 
 
-def ideal_speedups(alpha: float | None, gamma: int, costs: dict) -> tuple[float | None, float | None, float | None]:
+def ideal_speedups(alpha: float | None, draft_tokens: int,
+                   costs: dict) -> tuple[float | None, float | None, float | None]:
     """(E, ideal, ideal_vc) at the realised ``alpha``; all None when nothing was drafted."""
-    e_tokens = expected_tokens(alpha, gamma) if alpha is not None else None
-    ideal = e_tokens / (gamma * costs["c"] + 1) if e_tokens else None
-    ideal_vc = e_tokens * costs["t_target"] / (gamma * costs["t_draft"] + costs["t_verify"]) if e_tokens else None
+    e_tokens = expected_tokens(alpha, draft_tokens) if alpha is not None else None
+    ideal = e_tokens / (draft_tokens * costs["c"] + 1) if e_tokens else None
+    ideal_vc = (e_tokens * costs["t_target"] / (draft_tokens * costs["t_draft"] + costs["t_verify"])
+                if e_tokens else None)
     return e_tokens, ideal, ideal_vc
 
 
@@ -65,9 +67,9 @@ def step_cost(runner, nodes: int, prefix: int, samples: int) -> float:
     return statistics.median(once() for _ in range(samples))
 
 
-def measure_costs(engine, gamma: int, prefix: int, samples: int) -> dict:
+def measure_costs(engine, draft_tokens: int, prefix: int, samples: int) -> dict:
     t_target = step_cost(engine.target, 1, prefix, samples)
-    t_verify = step_cost(engine.target, gamma + 1, prefix, samples)
+    t_verify = step_cost(engine.target, draft_tokens + 1, prefix, samples)
     t_draft = step_cost(engine.draft, 1, prefix, samples)
     return {"context": prefix, "t_target": t_target, "t_verify": t_verify, "t_draft": t_draft,
             "c": t_draft / t_target}

@@ -35,16 +35,16 @@ class OracleBench:
         from hedgerow.server.engine.runner import ModelRunner
         from hedgerow.server.models.hf import TransformersModel
 
-        gamma = args.draft_tokens
-        max_len = args.prompt_len + args.max_new_tokens + gamma + 2
+        draft_tokens = args.draft_tokens
+        max_len = args.prompt_len + args.max_new_tokens + draft_tokens + 2
         target = build_model(target_shape, max_len, device, dtype, args.seed)
         draft = build_model(draft_shape, max_len, device, dtype, args.seed + 1)
-        self.spec = SpecParams(mode=SpecMode.CHAIN, draft_tokens=gamma)
-        self.ar_spec = replace(self.spec, mode=SpecMode.AR)
+        self.spec = SpecParams(mode=SpecMode.CHAIN, draft_tokens=draft_tokens)
+        self.plain_spec = replace(self.spec, mode=SpecMode.PLAIN)
         self.engine = Engine(ModelRunner(TransformersModel(target), num_slots=1, max_len=max_len, name="target"),
                              ModelRunner(TransformersModel(draft), num_slots=1, max_len=max_len, name="draft"),
                              eos_token_ids=[],
-                             # a fixed gamma: the oracle sets alpha, no policy second-guesses the draft length
+                             # fixed draft tokens: the oracle sets alpha, no policy second-guesses the draft budget
                              config=EngineConfig(max_model_len=max_len, max_batch_size=1, spec=self.spec,
                                                  adaptive="none"))
         self.oracle = OracleProposer(self.engine.proposer.draft, self.engine.target.vocab_size)
@@ -68,7 +68,7 @@ class OracleBench:
         if alpha is not None:
             self.oracle.continuations[rid] = self.continuation[prompt]
             self.oracle.configure(alpha, seed)
-        spec = self.ar_spec if alpha is None else self.spec
+        spec = self.plain_spec if alpha is None else self.spec
         req = Request(rid, prompt, max_new_tokens=self.max_new_tokens, spec=spec, ignore_eos=True)
         before = dict(engine.times.phases)
         steps = []  # (draft tokens, accepted tokens) per verify step
@@ -95,10 +95,10 @@ class OracleBench:
             self.generate(p, alpha=alpha, seed=seed)
 
     def interleaved(self, prompts: list[tuple], alphas: list[float], repeats: int, seed: int) -> dict[str, list[Run]]:
-        """Runs of ``ar`` and ``alpha=A`` for each alpha, the order rotating from prompt to prompt."""
+        """Runs of ``plain`` and ``alpha=A`` for each alpha, the order rotating from prompt to prompt."""
         from tqdm import tqdm
 
-        names = ["ar"] + [f"alpha={a:g}" for a in alphas]
+        names = ["plain"] + [f"alpha={a:g}" for a in alphas]
         runs: dict[str, list[Run]] = {name: [] for name in names}
         bar = tqdm(total=repeats * len(prompts) * len(names), desc="sweep", file=sys.stderr, unit="gen")
         for r in range(repeats):
@@ -107,7 +107,7 @@ class OracleBench:
                 for j in range(len(names)):
                     idx = (k + j) % len(names)
                     if idx == 0:
-                        runs["ar"].append(self.generate(p))
+                        runs["plain"].append(self.generate(p))
                     else:
                         runs[names[idx]].append(self.generate(p, alpha=alphas[idx - 1],
                                                               seed=seed * 7919 + 1000 * idx + k))
@@ -123,8 +123,8 @@ def random_prompts(vocab: int, num: int, length: int, seed: int) -> list[tuple]:
     return [tuple(torch.randint(2, vocab, (length,), generator=gen).tolist()) for _ in range(num)]
 
 
-def results(runs: dict[str, list[Run]], alphas: list[float], gamma: int, costs: dict) -> list[dict]:
-    """ar's entry, then one per alpha: measured speedup, the ideal ones and how much of them is kept."""
+def results(runs: dict[str, list[Run]], alphas: list[float], draft_tokens: int, costs: dict) -> list[dict]:
+    """plain's entry, then one per alpha: measured speedup, the ideal ones and how much of them is kept."""
     def tokens(items: list[Run]) -> int:
         return sum(len(x.tokens) for x in items)
 
@@ -134,23 +134,23 @@ def results(runs: dict[str, list[Run]], alphas: list[float], gamma: int, costs: 
     def tps(items: list[Run]) -> float:
         return tokens(items) / seconds(items)
 
-    ar_tps = tps(runs["ar"])
-    out = [{"name": "ar", "alpha": None, "tokens_per_second": ar_tps, "speedup_vs_ar": 1.0,
-            "generated_tokens": tokens(runs["ar"]), "wall_seconds": seconds(runs["ar"]),
-            "phase_seconds": _phases(runs["ar"])}]
+    plain_tps = tps(runs["plain"])
+    out = [{"name": "plain", "alpha": None, "tokens_per_second": plain_tps, "speedup_vs_plain": 1.0,
+            "generated_tokens": tokens(runs["plain"]), "wall_seconds": seconds(runs["plain"]),
+            "phase_seconds": _phases(runs["plain"])}]
     for alpha in alphas:
         name = f"alpha={alpha:g}"
         items = runs[name]
         acc = acceptance_summary(x.stats for x in items)
         a_hat = realised_alpha([step for x in items for step in x.steps])
-        e_tokens, ideal, ideal_vc = ideal_speedups(a_hat, gamma, costs)
-        measured = ratio(tps(items), ar_tps)
+        e_tokens, ideal, ideal_vc = ideal_speedups(a_hat, draft_tokens, costs)
+        measured = ratio(tps(items), plain_tps)
         out.append({
             "name": name,
             "alpha": alpha,
             "alpha_realised": a_hat,
             "tokens_per_second": tps(items),
-            "speedup_vs_ar": measured,
+            "speedup_vs_plain": measured,
             "ideal_speedup": ideal,
             "ideal_speedup_verify_cost": ideal_vc,
             "kept_of_ideal": ratio(measured, ideal),
@@ -160,7 +160,7 @@ def results(runs: dict[str, list[Run]], alphas: list[float], gamma: int, costs: 
             "acceptance_rate": acc["acceptance_rate"],
             "acceptance_length_histogram": acc["acceptance_length_histogram"],
             "verify_steps": acc["verify_steps"],
-            "outputs_match_ar": all(x.tokens == a.tokens for x, a in zip(items, runs["ar"])),
+            "outputs_match_plain": all(x.tokens == a.tokens for x, a in zip(items, runs["plain"])),
             "generated_tokens": tokens(items),
             "wall_seconds": seconds(items),
             "phase_seconds": _phases(items),

@@ -26,23 +26,23 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 # --- offline ------------------------------------------------------------------------------------
 def offline(results: list[dict]) -> str:
-    """Speed, ratios to ar and the transformers baselines, acceptance, losslessness per contender."""
+    """Speed, ratios to plain decoding and the transformers baselines, acceptance, losslessness per contender."""
     by = {r["name"]: r for r in results}
 
     def vs(r: dict, name: str) -> str:
         o = by.get(name)
         return fmt(r["tokens_per_second"] / o["tokens_per_second"], 2, "×") if o and o["tokens_per_second"] else "—"
 
-    headers = ["contender", "tokens/s", "× ar", "× hf", "× hf-assisted", "mean accepted length", "acceptance rate",
-               "same tokens as ar", "tokens", "seconds"]
-    rows = [[r["name"], fmt(r["tokens_per_second"], 1), fmt(r["speedup_vs_ar"], 2, "×"), vs(r, "hf"),
+    headers = ["contender", "tokens/s", "× plain", "× hf", "× hf-assisted", "mean accepted length",
+               "acceptance rate", "same tokens as plain", "tokens", "seconds"]
+    rows = [[r["name"], fmt(r["tokens_per_second"], 1), fmt(r["speedup_vs_plain"], 2, "×"), vs(r, "hf"),
              vs(r, "hf-assisted"), fmt(r["mean_accepted_length"]), fmt(r["acceptance_rate"]),
-             fmt(r["outputs_match_ar"]), r["generated_tokens"], fmt(r["wall_seconds"], 2)] for r in results]
+             fmt(r["outputs_match_plain"]), r["generated_tokens"], fmt(r["wall_seconds"], 2)] for r in results]
     return markdown_table(headers, rows)
 
 
 def acceptance_histogram(results: list[dict]) -> str | None:
-    """Verify steps that kept k tokens, per speculative contender (None when there is none)."""
+    """Verify steps that emitted k tokens, per speculative contender (None when there is none)."""
     hists = speculative_histograms(results)
     if not hists:
         return None
@@ -54,7 +54,7 @@ def acceptance_histogram(results: list[dict]) -> str | None:
 
 def rollback(results: list[dict]) -> str | None:
     """Drafted tokens thrown away and hedge branches, per speculative contender (None when there is none)."""
-    rolled = [r for r in results if r.get("rollback_tokens") is not None and r["name"] != "ar"]
+    rolled = [r for r in results if r.get("rollback_tokens") is not None and r["name"] != "plain"]
     if not rolled:
         return None
     return markdown_table(["contender", "rollback tokens", "rollback per generated token", "branches", "branch hits"],
@@ -85,9 +85,9 @@ def phases(results: list[dict]) -> str | None:
 
 # --- serve --------------------------------------------------------------------------------------
 def serve(results: list[dict]) -> str:
-    """Throughput and latency percentiles per concurrency and speculation mode, with the ratios to off."""
+    """Throughput and latency percentiles per concurrency and speculation mode, with the ratios to plain decoding."""
     headers = ["concurrency", "speculation", "tokens/s", "req/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms",
-               "e2e p50/p90/p99 s", "tokens/s vs off", "e2e p50 speedup", "failed"]
+               "e2e p50/p90/p99 s", "tokens/s vs plain", "e2e p50 speedup", "failed"]
 
     def ms(d):
         return " / ".join(fmt(None if d[q] is None else 1e3 * d[q], 1) for q in ("p50", "p90", "p99"))
@@ -97,8 +97,8 @@ def serve(results: list[dict]) -> str:
 
     rows = [[r["concurrency"], r["speculation"], fmt(r["tokens_per_second"], 1), fmt(r["requests_per_second"], 2),
              ms(r["ttft_seconds"]), ms(r["itl_seconds"]), sec(r["e2e_seconds"]),
-             fmt(r["vs_off"]["tokens_per_second"], 2, "×") if r["vs_off"] else "—",
-             fmt(r["vs_off"]["e2e_p50_speedup"], 2, "×") if r["vs_off"] else "—", r["failed"]] for r in results]
+             fmt(r["vs_plain"]["tokens_per_second"], 2, "×") if r["vs_plain"] else "—",
+             fmt(r["vs_plain"]["e2e_p50_speedup"], 2, "×") if r["vs_plain"] else "—", r["failed"]] for r in results]
     return markdown_table(headers, rows)
 
 
@@ -106,23 +106,23 @@ def serve(results: list[dict]) -> str:
 def sweep(results: list[dict]) -> str:
     """Measured speedup per oracle acceptance rate against the ideal, and how much of it is kept."""
     headers = ["α set", "α realised", "tokens/s", "measured speedup", "ideal", "kept", "ideal, verify cost",
-               "kept", "mean accepted length (expected)", "same tokens as ar"]
+               "kept", "mean accepted length (expected)", "same tokens as plain"]
     rows = []
     for r in results:
         if r.get("alpha") is None:
-            rows.append(["ar", "—", fmt(r["tokens_per_second"], 1), "1.00×", "—", "—", "—", "—", "1", "—"])
+            rows.append([r["name"], "—", fmt(r["tokens_per_second"], 1), "1.00×", "—", "—", "—", "—", "1", "—"])
             continue
         rows.append([f"{r['alpha']:g}", fmt(r["alpha_realised"], 3), fmt(r["tokens_per_second"], 1),
-                     fmt(r["speedup_vs_ar"], 2, "×"), fmt(r["ideal_speedup"], 2, "×"), fmt(r["kept_of_ideal"], 2),
+                     fmt(r["speedup_vs_plain"], 2, "×"), fmt(r["ideal_speedup"], 2, "×"), fmt(r["kept_of_ideal"], 2),
                      fmt(r["ideal_speedup_verify_cost"], 2, "×"), fmt(r["kept_of_ideal_verify_cost"], 2),
                      f"{fmt(r['mean_accepted_length'])} ({fmt(r['expected_tokens_per_step'])})",
-                     fmt(r["outputs_match_ar"])])
+                     fmt(r["outputs_match_plain"])])
     return markdown_table(headers, rows)
 
 
 def step_costs(data: dict) -> str:
     """The sweep's measured step costs, in one sentence."""
-    c, gamma = data["step_costs"], data["config"]["draft_tokens"]
+    c, g = data["step_costs"], data["config"]["draft_tokens"]
     return (f"Step costs at batch 1 (context {c['context']}, median): target pass of 1 token "
-            f"{1e3 * c['t_target']:.2f} ms, of γ+1 = {gamma + 1} tokens {1e3 * c['t_verify']:.2f} ms, draft pass of "
+            f"{1e3 * c['t_target']:.2f} ms, of γ+1 = {g + 1} tokens {1e3 * c['t_verify']:.2f} ms, draft pass of "
             f"1 token {1e3 * c['t_draft']:.2f} ms; c = t_draft / t_target = {c['c']:.3f}.")

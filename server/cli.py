@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 import time
@@ -30,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
         raise HedgerowError(f"{self.prog.split()[-1]}: {message}")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, compile_default: str = "off") -> None:
     g = p.add_argument_group("models")
     g.add_argument("--target", help="target model: Hugging Face id or local folder (default: the embedded pair)")
     g.add_argument("--draft", help="draft model, same tokenizer as the target (default: the embedded pair)")
@@ -47,20 +48,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--attention-backend", default="auto", choices=["auto", "reference", "cuda"],
         help="auto = reference (SDPA) until the CUDA kernels are validated on a GPU; cuda = cuda/ kernels (experimental)",
     )
+    g.add_argument(
+        "--model-impl", default="auto", choices=["auto", "native", "transformers"],
+        help="auto = Hedgerow's own model code for the Llama family (Llama, Mistral, Qwen2/3), transformers' "
+        "modules for every other architecture; a log line says which",
+    )
+    g.add_argument(
+        "--compile", default=compile_default, choices=["auto", "on", "off"],
+        help="CPU: torch.compile each kind of pass; on = before serving (tens of seconds per model the first "
+        f"time), auto = in the background, kept where it times faster (default: {compile_default})",
+    )
+    g.add_argument(
+        "--cuda-graphs", default="auto", choices=["auto", "off"],
+        help="CUDA: capture decode and verify passes as CUDA graphs, one per shape bucket (default: auto)",
+    )
 
 
 def add_spec_args(p: argparse.ArgumentParser, include_mode: bool = True, title: str = "speculation") -> None:
     g = p.add_argument_group(title)
     if include_mode:
-        g.add_argument("--mode", default="chain", choices=["ar", "chain", "tree"], help="ar = plain decoding (no draft)")
-    g.add_argument("--draft-tokens", type=int, default=4, help="gamma: draft tokens per step (chain)")
+        g.add_argument("--mode", default="chain", choices=["plain", "chain", "tree"],
+                       help="plain = plain decoding, one target pass per token (no draft)")
+    g.add_argument("--draft-tokens", type=int, default=4, help="draft tokens per step (chain)")
     g.add_argument("--tree-budget", type=int, default=16, help="draft nodes per step below the root (tree)")
     g.add_argument("--tree-depth", type=int, default=6, help="levels below the root (tree)")
     g.add_argument("--tree-topk", type=int, default=4, help="children per expanded node (tree)")
     g.add_argument("--tree-static", action="store_true", help="a fixed top-k rank shape instead of a dynamic tree")
     g.add_argument(
         "--adaptive", default="cost", choices=["none", "heuristic", "confidence", "cost"],
-        help="draft-length policy (default cost: the gamma that maximises measured tokens/s, 0 when speculation does not pay)",
+        help="draft-size policy (default cost: the draft budget that maximises measured tokens/s, 0 when speculation "
+        "does not pay)",
     )
     g.add_argument(
         "--overlap", default="none", choices=["none", "pearl", "branch"],
@@ -109,10 +126,10 @@ def resolve_models(args) -> tuple[str, str | None]:
         embedded_target, embedded_draft = default_pair()
         target = embedded_target
         draft = draft or embedded_draft
-    if getattr(args, "mode", "chain") == "ar":
+    if getattr(args, "mode", "chain") == "plain":
         draft = None
     elif draft is None:
-        raise HedgerowError(f"--mode {args.mode} needs --draft (or --mode ar)")
+        raise HedgerowError(f"--mode {args.mode} needs --draft (or --mode plain)")
     return target, draft
 
 
@@ -137,7 +154,8 @@ def build_engine(args):
 
         torch.set_num_threads(threads)
     target, draft = resolve_models(args)
-    pair = load_pair(target, draft, target_device=args.target_device, draft_device=args.draft_device, dtype=args.dtype)
+    pair = load_pair(target, draft, target_device=args.target_device, draft_device=args.draft_device, dtype=args.dtype,
+                     model_impl=args.model_impl, max_len=args.max_model_len)
     slots = getattr(args, "max_batch_size", 1)
     config = EngineConfig(
         max_model_len=args.max_model_len,
@@ -149,12 +167,9 @@ def build_engine(args):
     )
     backend = getattr(args, "attention_backend", "auto")
     try:
-        t = ModelRunner(pair.target, num_slots=slots, max_len=args.max_model_len, name="target", backend=backend)
-        d = (
-            ModelRunner(pair.draft, num_slots=slots, max_len=args.max_model_len, name="draft", backend=backend)
-            if pair.draft
-            else None
-        )
+        fast = dict(backend=backend, compile=args.compile, cuda_graphs=args.cuda_graphs)
+        t = ModelRunner(pair.target, num_slots=slots, max_len=args.max_model_len, name="target", **fast)
+        d = ModelRunner(pair.draft, num_slots=slots, max_len=args.max_model_len, name="draft", **fast) if pair.draft else None
     except ValueError as exc:
         raise HedgerowError(f"--attention-backend: {exc}") from None
     return Engine(t, d, eos_token_ids=eos_ids(pair.tokenizer, pair.target), config=config), pair.tokenizer
@@ -239,8 +254,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def setup_logging() -> None:
+    """Hedgerow's own log lines (which model implementation, compile timings, request failures)
+    on stderr, one line each; other libraries keep their own settings."""
+    log = logging.getLogger("hedgerow")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("hedgerow: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    setup_logging()
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

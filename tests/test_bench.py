@@ -31,8 +31,8 @@ except ImportError:
 def plots(folder) -> list[str]:
     return ["--plots", str(folder)] if HAS_MPL else []
 
-RESULT_KEYS = {"name", "tokens_per_second", "speedup_vs_ar", "mean_accepted_length", "acceptance_rate",
-               "acceptance_length_histogram", "outputs_match_ar", "generated_tokens", "wall_seconds"}
+RESULT_KEYS = {"name", "tokens_per_second", "speedup_vs_plain", "mean_accepted_length", "acceptance_rate",
+               "acceptance_length_histogram", "outputs_match_plain", "generated_tokens", "wall_seconds"}
 
 
 def bench(*argv: str) -> int:
@@ -51,23 +51,23 @@ def test_offline_schema_and_losslessness(tiny_folders, prompts_file, tmp_path, c
     out = tmp_path / "offline.json"
     code = bench("offline", "--target", str(tiny_folders["target"]), "--draft", str(tiny_folders["draft"]),
                  "--prompts", str(prompts_file), "--num-prompts", "2", "--max-new-tokens", "8",
-                 "--modes", "ar,chain,tree,chain@2", "--baselines", "hf,hf-assisted", "--adaptive", "none",
+                 "--modes", "plain,chain,tree,chain@2", "--baselines", "hf,hf-assisted", "--adaptive", "none",
                  "--max-model-len", "128", "--output", str(out), *plots(tmp_path / "plots"))
     assert code == 0
     data = json.loads(out.read_text())
     cfg = data["config"]
     assert cfg["kind"] == "offline" and cfg["greedy"] and cfg["num_prompts"] == 2
     assert cfg["command"].startswith("hedgerow bench offline --target ")
-    assert "--modes ar,chain,tree,chain@2" in cfg["command"] and "--adaptive none" in cfg["command"]
+    assert "--modes plain,chain,tree,chain@2" in cfg["command"] and "--adaptive none" in cfg["command"]
     assert {"cpu", "cores", "torch", "transformers"} <= cfg["machine"].keys()
     res = {r["name"]: r for r in data["results"]}
-    assert list(res) == ["ar", "chain", "tree", "chain@2", "hf", "hf-assisted"]
+    assert list(res) == ["plain", "chain", "tree", "chain@2", "hf", "hf-assisted"]
     for r in res.values():
         assert RESULT_KEYS <= r.keys(), r.keys()
         assert r["tokens_per_second"] > 0 and r["wall_seconds"] > 0 and r["generated_tokens"] > 0
-        assert r["outputs_match_ar"] is True, r["name"]  # greedy: every mode and baseline gives ar's tokens
-    assert res["ar"]["speedup_vs_ar"] == 1.0
-    assert res["ar"]["mean_accepted_length"] == 1.0
+        assert r["outputs_match_plain"] is True, r["name"]  # greedy: every mode and baseline gives plain's tokens
+    assert res["plain"]["speedup_vs_plain"] == 1.0
+    assert res["plain"]["mean_accepted_length"] == 1.0
     for name in ("chain", "tree", "chain@2"):
         r = res[name]
         assert r["draft_tokens"] > 0 and 0.0 <= r["acceptance_rate"] <= 1.0
@@ -90,18 +90,18 @@ def test_offline_sampling_has_no_match_column(tiny_folders, prompts_file, tmp_pa
     out = tmp_path / "sampled.json"
     assert bench("offline", "--target", str(tiny_folders["target"]), "--draft", str(tiny_folders["draft"]),
                  "--prompts", str(prompts_file), "--num-prompts", "1", "--max-new-tokens", "6", "--warmup", "0",
-                 "--modes", "ar,chain", "--baselines", "hf", "--temperature", "0.8", "--max-model-len", "64",
+                 "--modes", "plain,chain", "--baselines", "hf", "--temperature", "0.8", "--max-model-len", "64",
                  "--output", str(out)) == 0
     data = json.loads(out.read_text())
     assert not data["config"]["greedy"]
-    assert all(r["outputs_match_ar"] is None for r in data["results"])
+    assert all(r["outputs_match_plain"] is None for r in data["results"])
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--modes", "ar,beam"], "--modes"),
-    (["--modes", "ar@3"], "--modes"),
+    (["--modes", "plain,beam"], "--modes"),
+    (["--modes", "plain@3"], "--modes"),
     (["--baselines", "vllm"], "--baselines"),
-    (["--modes", "ar,ar"], "twice"),
+    (["--modes", "plain,plain"], "twice"),
     (["--num-prompts", "0"], "--num-prompts"),
     (["--prompts", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
 ])
@@ -160,15 +160,15 @@ def test_oracle_sweep(tmp_path, capsys):
     assert costs["t_target"] > 0 and costs["t_draft"] > 0 and costs["c"] == pytest.approx(
         costs["t_draft"] / costs["t_target"])
     res = {r["name"]: r for r in data["results"]}
-    assert res["ar"]["speedup_vs_ar"] == 1.0
+    assert res["plain"]["speedup_vs_plain"] == 1.0
     for r in data["results"][1:]:
-        assert r["outputs_match_ar"] is True  # the oracle changes speed only
-        assert r["kept_of_ideal"] == pytest.approx(r["speedup_vs_ar"] / r["ideal_speedup"])
+        assert r["outputs_match_plain"] is True  # the oracle changes speed only
+        assert r["kept_of_ideal"] == pytest.approx(r["speedup_vs_plain"] / r["ideal_speedup"])
     never, always = res["alpha=0"], res["alpha=1"]
     assert never["alpha_realised"] == 0.0 and never["mean_accepted_length"] == 1.0
     assert always["alpha_realised"] == 1.0 and always["acceptance_rate"] == 1.0
-    gamma = data["config"]["draft_tokens"]
-    assert always["ideal_speedup"] == pytest.approx((gamma + 1) / (gamma * costs["c"] + 1))
+    draft_tokens = data["config"]["draft_tokens"]
+    assert always["ideal_speedup"] == pytest.approx((draft_tokens + 1) / (draft_tokens * costs["c"] + 1))
     assert (tmp_path / "sweep_speedup_vs_alpha.png").is_file() or not HAS_MPL
     out = capsys.readouterr().out
     assert "t_draft" in out
@@ -218,20 +218,20 @@ def _check_serve(data, levels, modes):
             d = r[key]
             assert d["p50"] <= d["p90"] <= d["p99"], (key, d)
         assert r["ttft_seconds"]["p50"] <= r["e2e_seconds"]["p50"]
-        if r["speculation"] == "off":
-            assert r["vs_off"] is None
+        if r["speculation"] == "plain":
+            assert r["vs_plain"] is None
         else:
-            assert r["vs_off"]["tokens_per_second"] > 0
+            assert r["vs_plain"]["tokens_per_second"] > 0
 
 
 def test_serve_grpc(tiny_folders, prompts_file, tmp_path):
     out = tmp_path / "serve.json"
     with grpc_server(tiny_folders) as addr:
-        assert bench("serve", "--grpc", addr, "--concurrency", "1,3", "--requests", "4", "--spec-modes", "off,chain",
+        assert bench("serve", "--grpc", addr, "--concurrency", "1,3", "--requests", "4", "--spec-modes", "plain,chain",
                      "--prompts", str(prompts_file), "--max-new-tokens", "8", "--ignore-eos", "--warmup", "1",
                      "--output", str(out), *plots(tmp_path)) == 0
     data = json.loads(out.read_text())
-    _check_serve(data, [1, 3], ["off", "chain"])
+    _check_serve(data, [1, 3], ["plain", "chain"])
     assert all(r["generated_tokens"] == 4 * 8 for r in data["results"])  # EOS ignored: 8 tokens each
     assert data["config"]["server"]["max_batch_size"] == 4
     if HAS_MPL:
@@ -242,9 +242,9 @@ def test_serve_grpc_open_loop(tiny_folders, prompts_file, tmp_path):
     out = tmp_path / "serve.json"
     with grpc_server(tiny_folders) as addr:
         assert bench("serve", "--grpc", addr, "--concurrency", "2", "--duration", "0.5", "--rate", "20",
-                     "--spec-modes", "off,tree", "--prompts", str(prompts_file), "--max-new-tokens", "4",
+                     "--spec-modes", "plain,tree", "--prompts", str(prompts_file), "--max-new-tokens", "4",
                      "--warmup", "0", "--output", str(out)) == 0
-    _check_serve(json.loads(out.read_text()), [2], ["off", "tree"])
+    _check_serve(json.loads(out.read_text()), [2], ["plain", "tree"])
 
 
 class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
@@ -289,10 +289,10 @@ def test_serve_openai_sse(prompts_file, tmp_path):
     finally:
         httpd.shutdown()
     data = json.loads(out.read_text())
-    _check_serve(data, [2], ["off", "chain"])
+    _check_serve(data, [2], ["plain", "chain"])
     assert all(r["generated_tokens"] == 3 * 6 for r in data["results"])  # from usage.completion_tokens
     sent = _FakeOpenAI.seen
-    assert {r["hedgerow"]["speculation"]["mode"] for r in sent} == {"off", "chain"}
+    assert {r["hedgerow"]["speculation"]["mode"] for r in sent} == {"plain", "chain"}
     for body in sent:  # what the bench sends is a request the proxy accepts (its schema forbids unknown fields)
         CompletionRequest.model_validate(body)
     assert all(r["stream"] and r["max_tokens"] == 6 for r in sent)
@@ -341,25 +341,43 @@ def test_report_draws_plots_into_their_own_folder(tmp_path):
     assert all(f"`{name}`" in text for name in drawn)  # RESULTS.md names the plots the report draws
 
 
+def test_report_reads_schema_1_files_in_todays_names():
+    """The committed results of schema version 1 name plain decoding as the glossary's older spellings
+    do; the report reads every one of them in today's names (docs/glossary.md, "Older spellings")."""
+    import re
+
+    from hedgerow.bench.results import current_names, load
+
+    runs = dict(load(ROOT / "bench" / "results"))
+    offline, serve = runs["offline_fixed"], runs["serve_grpc"]
+    assert offline["config"]["command"].startswith("hedgerow bench offline --modes plain,chain@1,")
+    assert offline["results"][0]["name"] == "plain" and offline["results"][0]["speedup_vs_plain"] == 1.0
+    assert serve["config"]["spec_modes"] == ["plain", "chain"]
+    assert {(r["speculation"], r["vs_plain"] is None) for r in serve["results"]} == {("plain", True), ("chain", False)}
+    for stem, data in runs.items():
+        assert data["config"]["schema_version"] == 2 and current_names(data) is data, stem
+        assert not re.search(r'\b(ar|off)\b|_ar"|vs_off', json.dumps(data)), stem
+
+
 def test_report_states_targets_from_numbers(tmp_path):
     from hedgerow.bench import results
 
     def entry(name, kind, tps, match=True):
-        return {"name": name, "kind": kind, "tokens_per_second": tps, "speedup_vs_ar": None,
+        return {"name": name, "kind": kind, "tokens_per_second": tps, "speedup_vs_plain": None,
                 "mean_accepted_length": None, "acceptance_rate": None, "acceptance_length_histogram": None,
-                "outputs_match_ar": match, "generated_tokens": 10, "wall_seconds": 1.0}
+                "outputs_match_plain": match, "generated_tokens": 10, "wall_seconds": 1.0}
 
     machine = {"cpu": "X", "cores": 2, "torch_threads": 2, "python": "3", "torch": "2", "transformers": "5"}
     cfg = {"kind": "offline", "command": "hedgerow bench offline", "machine": machine, "started": "now",
            "embedded_pair": True, "target": "t", "draft": "d", "target_device": "cpu", "dtype": "float32",
            "prompts": "humaneval", "num_prompts": 10, "prompt_tokens": [5, 9], "max_new_tokens": 128,
            "greedy": True, "sampling": {}, "repeats": 1, "warmup": 1}
-    runs = [entry("ar", "engine", 10.0), entry("chain", "engine", 25.0), entry("tree", "engine", 40.0, match=False),
+    runs = [entry("plain", "engine", 10.0), entry("chain", "engine", 25.0), entry("tree", "engine", 40.0, match=False),
             entry("hf", "hf", 12.0), entry("hf-assisted", "hf-assisted", 15.0)]
     (tmp_path / "x.json").write_text(json.dumps({"config": cfg, "results": runs}))
     text = results.render(tmp_path)
     row = next(line for line in text.splitlines() if line.startswith("| `x` |"))
-    # tree is fastest but differs from ar: chain is the best mode
+    # tree is fastest but differs from plain: chain is the best mode
     assert row == "| `x` | chain | 2.50× (met) | 1.67× (met) | 0.83× (not met) | 2 of 3 measured |"
     assert "- plain decoding ≥ 1.0× HF generate: not met; best measured 0.83× (`x`)." in text
     assert "tree" in text and "excluded" in text

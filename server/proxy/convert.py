@@ -12,10 +12,12 @@ Finish reasons EOS and STOP -> ``"stop"``, LENGTH -> ``"length"``, ABORT (server
 
 from dataclasses import dataclass
 
-from hedgerow.server.proxy.schema import ApiError, bad
+from hedgerow.server.proxy.schema import SPEC_MODES, ApiError, bad
 from hedgerow.server.rpc import generation_pb2 as pb
 
 FINISH = {1: "stop", 2: "length", 3: "stop", 4: "abort"}  # pb.FinishReason -> OpenAI finish_reason
+MODES = {name: pb.SpeculationMode.Value(f"SPECULATION_MODE_{name.upper()}") for name in SPEC_MODES}
+MODE_NAMES = {v: k for k, v in MODES.items()}
 
 
 def to_proto(body, request_id: str, *, prompt: str | list[int]):
@@ -35,10 +37,9 @@ def to_proto(body, request_id: str, *, prompt: str | list[int]):
     if spec is not None:
         msg.speculation.SetInParent()
         if spec.mode is not None:
-            msg.speculation.mode = {"off": pb.SPECULATION_MODE_OFF, "chain": pb.SPECULATION_MODE_CHAIN,
-                                    "tree": pb.SPECULATION_MODE_TREE}[spec.mode]
-        if spec.max_draft_tokens is not None:
-            msg.speculation.max_draft_tokens = spec.max_draft_tokens
+            msg.speculation.mode = MODES[spec.mode]
+        if spec.draft_tokens is not None:
+            msg.speculation.draft_tokens = spec.draft_tokens
         if spec.tree_budget is not None:
             msg.speculation.tree_budget = spec.tree_budget
     return msg
@@ -93,8 +94,8 @@ def model_card(info, model: str, created: int) -> dict:
             "hedgerow": {"target": info.target, "draft": info.draft or None, "max_model_len": info.max_model_len,
                          "vocab_size": info.vocab_size, "max_batch_size": info.max_batch_size,
                          "default_max_new_tokens": info.default_max_new_tokens,
-                         "default_speculation": {"mode": {1: "off", 2: "chain", 3: "tree"}.get(spec.mode),
-                                                 "max_draft_tokens": spec.max_draft_tokens,
+                         "default_speculation": {"mode": MODE_NAMES.get(spec.mode),
+                                                 "draft_tokens": spec.draft_tokens,
                                                  "tree_budget": spec.tree_budget}}}
 
 

@@ -1,4 +1,4 @@
-"""OpenAI request bodies the proxy (``server.proxy``) accepts, and what it refuses.
+"""OpenAI request bodies the proxy (``hedgerow.server.proxy``) accepts, and what it refuses.
 
 Parsing is pydantic's (types); the checks here are the proxy's (values and support). Every refusal
 is an ``ApiError`` naming the OpenAI parameter, which the proxy returns as OpenAI's error JSON:
@@ -10,7 +10,7 @@ Unsupported options are refused, never silently ignored: ``n`` > 1, ``best_of`` 
 message parts. An unknown parameter is refused too, as OpenAI does (a typo must not pass unseen).
 
 Extensions (through the SDK's ``extra_body``): ``top_k``, ``ignore_eos``, and
-``hedgerow: {"speculation": {"mode": "off"|"chain"|"tree", "max_draft_tokens": G, "tree_budget": B}}``
+``hedgerow: {"speculation": {"mode": "plain"|"chain"|"tree", "draft_tokens": G, "tree_budget": B}}``
 (absent fields keep the server's defaults; speculation only ever changes speed, never the output).
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-SPEC_MODES = ("off", "chain", "tree")
+SPEC_MODES = ("plain", "chain", "tree")  # the names of pb.SpeculationMode's values, lower-case
 
 
 class ApiError(Exception):
@@ -52,7 +52,7 @@ class _Body(BaseModel):
 
 class SpeculationOptions(_Body):
     mode: str | None = None
-    max_draft_tokens: int | None = None
+    draft_tokens: int | None = None
     tree_budget: int | None = None
 
 
@@ -113,7 +113,7 @@ class _Generation(_Body):
         if spec is not None:
             if spec.mode is not None and spec.mode not in SPEC_MODES:
                 raise bad("hedgerow.speculation.mode", f"must be one of {', '.join(SPEC_MODES)}, got {spec.mode!r}")
-            for name in ("max_draft_tokens", "tree_budget"):
+            for name in ("draft_tokens", "tree_budget"):
                 if (value := getattr(spec, name)) is not None and value < 0:
                     raise bad(f"hedgerow.speculation.{name}", f"must be >= 0, got {value}")
 

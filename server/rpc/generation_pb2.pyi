@@ -10,7 +10,7 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class SpeculationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SPECULATION_MODE_UNSPECIFIED: _ClassVar[SpeculationMode]
-    SPECULATION_MODE_OFF: _ClassVar[SpeculationMode]
+    SPECULATION_MODE_PLAIN: _ClassVar[SpeculationMode]
     SPECULATION_MODE_CHAIN: _ClassVar[SpeculationMode]
     SPECULATION_MODE_TREE: _ClassVar[SpeculationMode]
 
@@ -22,7 +22,7 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
 SPECULATION_MODE_UNSPECIFIED: SpeculationMode
-SPECULATION_MODE_OFF: SpeculationMode
+SPECULATION_MODE_PLAIN: SpeculationMode
 SPECULATION_MODE_CHAIN: SpeculationMode
 SPECULATION_MODE_TREE: SpeculationMode
 FINISH_REASON_UNSPECIFIED: FinishReason
@@ -54,14 +54,14 @@ class StoppingCriteria(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class SpeculationParams(_message.Message):
-    __slots__ = ("mode", "max_draft_tokens", "tree_budget")
+    __slots__ = ("mode", "draft_tokens", "tree_budget")
     MODE_FIELD_NUMBER: _ClassVar[int]
-    MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TREE_BUDGET_FIELD_NUMBER: _ClassVar[int]
     mode: SpeculationMode
-    max_draft_tokens: int
+    draft_tokens: int
     tree_budget: int
-    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., max_draft_tokens: _Optional[int] = ..., tree_budget: _Optional[int] = ...) -> None: ...
+    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., draft_tokens: _Optional[int] = ..., tree_budget: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "sampling", "stopping", "speculation")

@@ -1,7 +1,7 @@
 """The ``hedgerow.v1.Generation`` gRPC service (grpc.aio): a thin edge around the engine thread.
 
 Per request: protobuf -> ``Request`` (validated here, every refusal naming its field) -> the
-engine thread (``server.async_engine``) -> updates -> text (detokenized incrementally, stop
+engine thread (``hedgerow.server.engine.async_engine``) -> updates -> text (detokenized incrementally, stop
 strings applied) -> protobuf. Nothing here touches the engine itself.
 
 Status codes: bad input -> INVALID_ARGUMENT (also for what the engine refuses: a speculation mode
@@ -44,7 +44,7 @@ log = logging.getLogger("hedgerow.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "hedgerow.v1.Generation"
 
 MODES = {
-    pb.SPECULATION_MODE_OFF: SpecMode.AR,
+    pb.SPECULATION_MODE_PLAIN: SpecMode.PLAIN,
     pb.SPECULATION_MODE_CHAIN: SpecMode.CHAIN,
     pb.SPECULATION_MODE_TREE: SpecMode.TREE,
 }
@@ -66,8 +66,8 @@ class ServiceConfig:
     default_max_new_tokens: int = 128  # capped at max_model_len
     max_stop_strings: int = 16
     max_stop_chars: int = 256  # per stop string
-    max_draft_tokens: int = 64
-    max_tree_budget: int = 1024
+    draft_tokens_limit: int = 64  # the most draft_tokens a request may ask for
+    tree_budget_limit: int = 1024  # the most tree_budget a request may ask for
     max_request_id_chars: int = 256
 
     def __post_init__(self) -> None:
@@ -164,13 +164,13 @@ class RequestConverter:
         else:
             raise HedgerowError(f"speculation.mode {s.mode} is not a SpeculationMode "
                                 f"(one of {', '.join(pb.SpeculationMode.keys())})")
-        draft_tokens = s.max_draft_tokens if s.HasField("max_draft_tokens") else base.draft_tokens
-        if not 0 <= draft_tokens <= cfg.max_draft_tokens:
+        draft_tokens = s.draft_tokens if s.HasField("draft_tokens") else base.draft_tokens
+        if not 0 <= draft_tokens <= cfg.draft_tokens_limit:
             raise HedgerowError(
-                f"speculation.max_draft_tokens must be in [0, {cfg.max_draft_tokens}], got {draft_tokens}")
+                f"speculation.draft_tokens must be in [0, {cfg.draft_tokens_limit}], got {draft_tokens}")
         budget = s.tree_budget if s.HasField("tree_budget") else base.tree_budget
-        if not 0 <= budget <= cfg.max_tree_budget:
-            raise HedgerowError(f"speculation.tree_budget must be in [0, {cfg.max_tree_budget}], got {budget}")
+        if not 0 <= budget <= cfg.tree_budget_limit:
+            raise HedgerowError(f"speculation.tree_budget must be in [0, {cfg.tree_budget_limit}], got {budget}")
         return replace(base, mode=mode, draft_tokens=draft_tokens, tree_budget=budget)  # the rest: defaults
 
 
@@ -198,7 +198,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             target=config.target_name, draft=config.draft_name, vocab_size=engine.target.vocab_size,
             max_model_len=engine.config.max_model_len, eos_token_ids=sorted(engine.eos_token_ids),
             default_speculation=pb.SpeculationParams(
-                mode=MODE_NAMES[engine.config.spec.mode], max_draft_tokens=engine.config.spec.draft_tokens,
+                mode=MODE_NAMES[engine.config.spec.mode], draft_tokens=engine.config.spec.draft_tokens,
                 tree_budget=engine.config.spec.tree_budget),
             max_batch_size=engine.config.max_batch_size,
             default_max_new_tokens=min(config.default_max_new_tokens, engine.config.max_model_len),

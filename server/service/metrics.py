@@ -1,19 +1,20 @@
 """Prometheus metrics of one server (prefix ``hedgerow_``), in a registry of its own.
 
 Who records what:
-- the engine thread (``server.async_engine``) records what one step did: ``record_step`` for the
+- the engine thread (``hedgerow.server.engine.async_engine``) records what one step did: ``record_step`` for the
   speculation counters and token counts, ``record_phases`` for step times, ``record_queue`` when a
   request joins the batch, ``record_prompt`` when one is accepted, ``set_load`` for the gauges;
 - the gRPC edge records what a client saw: ``record_first_token``, ``record_tokens``,
   ``record_request`` (latency and ``requests_total{status}``), ``record_rejected``.
 
 Which steps count as speculative: a step counts in the ``spec_*`` counters and in
-``spec_acceptance_length`` only when it sent at least one draft token to verification. Plain
-decoding (``mode off``) never does, and neither does a speculative sequence's step whose draft budget
-came out 0 (one token left to emit); such steps still show in ``spec_draft_budget`` as a 0, so a
-budget policy that turns speculation off under load is visible there. Hence
-``spec_accepted_tokens_total / spec_draft_tokens_total`` is the acceptance rate, and
-``spec_acceptance_length``'s mean is the mean accepted length of speculative steps (bonus included).
+``spec_acceptance_length`` only when it is a verify step: it sent at least one draft token to
+verification. Plain decoding (mode ``plain``) never does, and neither does a speculative sequence's
+plain step, whose draft budget came out 0 (the policy chose not to draft, or one token was left to
+emit); such steps still show in ``spec_draft_budget`` as a 0, so a draft-size policy that drafts
+nothing under load is visible there. Hence ``spec_accepted_tokens_total / spec_draft_tokens_total``
+is the acceptance rate (accepted draft tokens / drafted tokens), and ``spec_acceptance_length``'s
+mean is the mean accepted length (emitted tokens per verify step, the target's own token included).
 Nothing after EOS or the length limit is ever counted: the engine reports accepted tokens so.
 
 ``inter_token_latency_seconds`` is observed once per token of every message of a request but its
@@ -40,9 +41,9 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r, p = self.registry, PREFIX
         # Counter names are given without "_total": prometheus_client appends it.
-        self.draft_tokens = Counter(p + "spec_draft_tokens", "Draft tokens sent to verification", registry=r)
-        self.accepted_tokens = Counter(p + "spec_accepted_tokens", "Draft tokens accepted by the target", registry=r)
-        self.verify_steps = Counter(p + "spec_verify_steps", "Speculative verify steps (per sequence)", registry=r)
+        self.draft_tokens = Counter(p + "spec_draft_tokens", "Drafted tokens sent to verification", registry=r)
+        self.accepted_tokens = Counter(p + "spec_accepted_tokens", "Accepted draft tokens", registry=r)
+        self.verify_steps = Counter(p + "spec_verify_steps", "Verify steps (per sequence)", registry=r)
         self.accepted_per_position = Counter(
             p + "spec_accepted_tokens_per_position",
             "Accepted draft tokens by position in the draft (a step accepting k counts positions 1..k)",
@@ -58,11 +59,12 @@ class Metrics:
             self.requests.labels(status)  # exported as 0 from the start
 
         self.acceptance_length = Histogram(
-            p + "spec_acceptance_length", "Tokens emitted per speculative verify step, bonus token included",
+            p + "spec_acceptance_length",
+            "Emitted tokens per verify step, the target's own token included (its mean: the mean accepted length)",
             buckets=COUNT_BUCKETS, registry=r,
         )
         self.draft_budget = Histogram(
-            p + "spec_draft_budget", "Draft tokens chosen per step per speculative sequence",
+            p + "spec_draft_budget", "Draft budget chosen per step per speculative sequence, zeros included",
             buckets=COUNT_BUCKETS, registry=r,
         )
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Request arrival to first token",

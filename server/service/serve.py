@@ -21,7 +21,7 @@ from hedgerow.server.engine.errors import HedgerowError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, compile_default="auto")
     add_spec_args(p)
     g = p.add_argument_group("serving")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")

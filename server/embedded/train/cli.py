@@ -21,7 +21,7 @@ Pipeline (every stage is resumable from ``--work-dir``):
                shared tokenizer files, into ``--out-dir`` (default: the package's
                ``server/embedded``).
 7. eval     -- held-out loss/perplexity of both exported models, and greedy
-               chain-speculative acceptance at gamma=4 on the first 20 HumanEval
+               chain-speculative acceptance with 4 draft tokens on the first 20 HumanEval
                prompts (simulated with the HF models).
 
 Stages 1-2 are in ``corpus``, 3 and 5 run the loop of ``loop`` with the losses of
@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens for loss/perplexity")
     g.add_argument("--num-prompts", type=int, default=20, help="HumanEval prompts (the first N)")
     g.add_argument("--gen-tokens", type=int, default=128, help="greedy target tokens per prompt")
-    g.add_argument("--gamma", type=int, default=4, help="draft length for simulated speculation")
+    g.add_argument("--draft-tokens", type=int, default=4, help="draft tokens per step of simulated speculation")
     g.add_argument("--eval-json", type=Path, default=None, help="also write the eval results here")
 
 

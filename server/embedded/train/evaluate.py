@@ -1,7 +1,7 @@
 """Evaluation of an exported pair: held-out loss/perplexity and simulated chain-speculative acceptance.
 
 Both models are read back from the exported folders (as shipped, bfloat16 on disk) and run
-in float32. Acceptance is greedy chain speculation at ``--gamma`` on the first
+in float32. Acceptance is greedy chain speculation with ``--draft-tokens`` on the first
 ``--num-prompts`` HumanEval prompts, simulated with the Hugging Face models against the
 target's own greedy continuation.
 """
@@ -73,10 +73,10 @@ def greedy_continue(model, ids: list[int], n: int, stop_id: int | None = None) -
         nxt = int(out.logits[0, -1].argmax())
 
 
-def simulate_chain_speculation(draft, prompt_ids: list[int], target_tokens: list[int], gamma: int) -> dict:
+def simulate_chain_speculation(draft, prompt_ids: list[int], target_tokens: list[int], draft_tokens: int) -> dict:
     """Greedy chain speculative decoding against a known greedy target continuation.
 
-    Each verify step: the draft proposes min(gamma, remaining) greedy tokens; the
+    Each verify step: the draft proposes min(draft_tokens, remaining) greedy tokens; the
     longest prefix equal to the target's greedy tokens is accepted, and the target
     contributes one correction/bonus token (unless the continuation is finished).
     """
@@ -84,7 +84,7 @@ def simulate_chain_speculation(draft, prompt_ids: list[int], target_tokens: list
     drafted = accepted = emitted = steps = 0
     while p < len(target_tokens):
         remaining = len(target_tokens) - p
-        d = min(gamma, remaining)
+        d = min(draft_tokens, remaining)
         prop = greedy_continue(draft, prompt_ids + target_tokens[:p], d)
         k = 0
         while k < d and prop[k] == target_tokens[p + k]:
@@ -136,7 +136,7 @@ def evaluate_pair(out_dir: Path, args, log, heldout_stream=None) -> dict:
         for i, prompt in enumerate(tqdm(prompts, desc="accept", disable=args.no_progress, file=sys.stderr)):
             ids = tok(prompt, add_special_tokens=False)["input_ids"]
             gen = greedy_continue(target, ids, args.gen_tokens, stop_id=tok.eos_token_id)
-            r = simulate_chain_speculation(draft, ids, gen, args.gamma)
+            r = simulate_chain_speculation(draft, ids, gen, args.draft_tokens)
             r["prompt_tokens"] = len(ids)
             r["acceptance_rate"] = r["accepted"] / max(1, r["drafted"])
             r["mean_accepted_length"] = r["emitted"] / max(1, r["verify_steps"])
@@ -144,7 +144,7 @@ def evaluate_pair(out_dir: Path, args, log, heldout_stream=None) -> dict:
             for k in tot:
                 tot[k] += r[k]
     res["acceptance"] = {
-        "gamma": args.gamma,
+        "draft_tokens": args.draft_tokens,
         "prompts": len(prompts),
         "gen_tokens": args.gen_tokens,
         **tot,
@@ -154,7 +154,8 @@ def evaluate_pair(out_dir: Path, args, log, heldout_stream=None) -> dict:
         "per_prompt": per,
     }
     a = res["acceptance"]
-    log(f"[eval] HumanEval[:{len(prompts)}] gamma={args.gamma}: acceptance rate {a['acceptance_rate']:.3f}"
+    log(f"[eval] HumanEval[:{len(prompts)}] draft_tokens={args.draft_tokens}:"
+        f" acceptance rate {a['acceptance_rate']:.3f}"
         f" (per-prompt mean {a['mean_per_prompt_acceptance_rate']:.3f}),"
         f" mean accepted length {a['mean_accepted_length']:.3f} tokens/verify step")
     return res
