@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 
 class SpecMode(str, enum.Enum):
-    AR = "ar"  # plain decoding: one target pass per token, no draft
+    PLAIN = "plain"  # plain decoding: one target pass per token, no draft
     CHAIN = "chain"
     TREE = "tree"
 

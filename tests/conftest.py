@@ -55,3 +55,9 @@ def tiny_folders(tmp_path_factory):
         "draft": save_tiny_pair(base / "draft", seed=1),
         "other": save_tiny_pair(base / "other", vocab_size=280, seed=2, corpus=TEXT[::-1] + ["x = 1\n"]),
     }
+
+
+@pytest.fixture(params=["transformers", "native"])
+def impl(request):
+    """The model implementation an engine test runs on: transformers' modules or Hedgerow's own."""
+    return request.param

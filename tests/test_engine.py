@@ -24,31 +24,31 @@ def references(pair):
 
 
 @pytest.mark.parametrize("gamma", [1, 4, 8])
-def test_greedy_chain_equals_target_generate_batch_of_4(pair, references, gamma):
+def test_greedy_chain_equals_target_generate_batch_of_4(pair, references, gamma, impl):
     target, draft = pair
-    out = make_engine(target, draft, gamma=gamma).generate(request(str(i), p, 40) for i, p in enumerate(PROMPTS))
+    out = make_engine(target, draft, gamma=gamma, impl=impl).generate(request(str(i), p, 40) for i, p in enumerate(PROMPTS))
     for i in range(len(PROMPTS)):
         assert out[str(i)].generated == references[i], f"prompt {i}, gamma {gamma}"
 
 
 @pytest.mark.parametrize("gamma", [1, 4, 8])
-def test_greedy_chain_equals_target_generate_batch_of_1(pair, references, gamma):
+def test_greedy_chain_equals_target_generate_batch_of_1(pair, references, gamma, impl):
     target, draft = pair
-    engine = make_engine(target, draft, gamma=gamma, slots=1)
+    engine = make_engine(target, draft, gamma=gamma, slots=1, impl=impl)
     for i, p in enumerate(PROMPTS):
         assert engine.generate([request("r", p, 40)])["r"].generated == references[i]
 
 
-def test_plain_decoding_equals_target_generate(pair, references):
+def test_plain_decoding_equals_target_generate(pair, references, impl):
     target, _ = pair
-    out = make_engine(target, None, mode=SpecMode.AR).generate(request(str(i), p, 40) for i, p in enumerate(PROMPTS))
+    out = make_engine(target, None, mode=SpecMode.PLAIN, impl=impl).generate(request(str(i), p, 40) for i, p in enumerate(PROMPTS))
     assert [out[str(i)].generated for i in range(len(PROMPTS))] == references
 
 
 @pytest.mark.parametrize("gamma", [1, 4, 8])
-def test_draft_equal_to_target_accepts_everything(pair, gamma):
+def test_draft_equal_to_target_accepts_everything(pair, gamma, impl):
     target, _ = pair
-    out = make_engine(target, target, gamma=gamma).generate(
+    out = make_engine(target, target, gamma=gamma, impl=impl).generate(
         request(str(i), p, 37, ignore_eos=True) for i, p in enumerate(PROMPTS)
     )
     for seq in out.values():
@@ -62,9 +62,9 @@ def test_draft_equal_to_target_accepts_everything(pair, gamma):
         assert seq.num_generated == 37
 
 
-def test_eos_stops_and_nothing_after_it_counts(pair):
+def test_eos_stops_and_nothing_after_it_counts(pair, impl):
     target, draft = pair
-    engine = make_engine(target, target, gamma=8)
+    engine = make_engine(target, target, gamma=8, impl=impl)
     for i, p in enumerate(PROMPTS):
         ref = hf_greedy(target, p, 60)
         seq = engine.generate([request("r", p, 60)])["r"]
@@ -80,20 +80,20 @@ def test_eos_stops_and_nothing_after_it_counts(pair):
             assert seq.finish_reason.value == "length"
 
 
-@pytest.mark.parametrize("mode", [SpecMode.AR, SpecMode.CHAIN])
-def test_seeded_sampling_is_reproducible_and_batch_invariant(pair, mode):
+@pytest.mark.parametrize("mode", [SpecMode.PLAIN, SpecMode.CHAIN])
+def test_seeded_sampling_is_reproducible_and_batch_invariant(pair, mode, impl):
     target, draft = pair
     sp = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=1234)
 
     def run(batch_prompts):
-        e = make_engine(target, draft if mode is SpecMode.CHAIN else None, mode=mode)
+        e = make_engine(target, draft if mode is SpecMode.CHAIN else None, mode=mode, impl=impl)
         return e.generate(request(str(i), p, 30, sampling=sp) for i, p in enumerate(batch_prompts))
 
     a, b = run(PROMPTS), run(PROMPTS)
     solo = run([PROMPTS[2]])
     assert [a[k].generated for k in a] == [b[k].generated for k in b]
     assert a["2"].generated == solo["0"].generated  # the batch does not change a seeded request
-    other = make_engine(target, draft).generate(
+    other = make_engine(target, draft, impl=impl).generate(
         [request("x", PROMPTS[2], 30, sampling=SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=99))]
     )
     assert other["x"].generated != a["2"].generated
@@ -104,9 +104,9 @@ def _plain_logits(model, tokens):
         return model(torch.tensor([tokens])).logits[0].float()
 
 
-def test_compaction_and_truncation_equal_recomputation(pair):
+def test_compaction_and_truncation_equal_recomputation(pair, impl):
     target, _ = pair
-    run = runner(target, slots=3, max_len=64)
+    run = runner(target, slots=3, max_len=64, impl=impl)
     prompt = [7, 8, 9, 10, 11, 12]
     slot = run.cache.allocate()
     run.extend([slot], [0], [prompt[:-1]], chunk=4)
@@ -126,9 +126,9 @@ def test_compaction_and_truncation_equal_recomputation(pair):
     assert torch.allclose(got2, _plain_logits(target, kept + [60])[-1], atol=1e-5)
 
 
-def test_ragged_batch_with_non_contiguous_slots(pair):
+def test_ragged_batch_with_non_contiguous_slots(pair, impl):
     target, _ = pair
-    run = runner(target, slots=4, max_len=64)
+    run = runner(target, slots=4, max_len=64, impl=impl)
     slots = [run.cache.allocate() for _ in range(4)]
     a, b = [1, 2, 3, 4, 5, 6], [9, 8, 7]
     run.extend([slots[3], slots[1]], [0, 0], [a[:-1], b[:-1]], chunk=2)
@@ -138,9 +138,9 @@ def test_ragged_batch_with_non_contiguous_slots(pair):
     assert torch.allclose(got[1, 0], _plain_logits(target, b)[-1], atol=1e-5)
 
 
-def test_finished_and_aborted_requests_free_their_slots(pair):
+def test_finished_and_aborted_requests_free_their_slots(pair, impl):
     target, draft = pair
-    engine = make_engine(target, draft, slots=2)
+    engine = make_engine(target, draft, slots=2, impl=impl)
     engine.add_request(request("a", PROMPTS[0], 50))
     engine.add_request(request("b", PROMPTS[1], 3))
     engine.add_request(request("c", PROMPTS[2], 3))
@@ -152,11 +152,11 @@ def test_finished_and_aborted_requests_free_their_slots(pair):
     assert engine.target.cache.slots_in_use == 0 and engine.draft.cache.slots_in_use == 0
 
 
-def test_a_failing_request_fails_alone(pair, references):
+def test_a_failing_request_fails_alone(pair, references, impl):
     """A forward that raises whenever one request is in it fails that request; its batch-mates
     finish with their exact greedy output and the engine keeps serving."""
     target, draft = pair
-    engine = make_engine(target, draft, gamma=4)
+    engine = make_engine(target, draft, gamma=4, impl=impl)
     real_forward = engine.target.forward
 
     def forward(slots, flat):

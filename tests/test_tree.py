@@ -26,9 +26,9 @@ def pair(arch):
     return tiny_model(arch, seed=0), tiny_model(arch, seed=1, layers=1, hidden=32)
 
 
-def test_tree_pass_equals_each_root_to_node_path(arch):
+def test_tree_pass_equals_each_root_to_node_path(arch, impl):
     target = tiny_model(arch, seed=0, dtype=torch.float32)
-    run = runner(target, slots=3, max_len=64)
+    run = runner(target, slots=3, max_len=64, impl=impl)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15]]
     trees = [
         DraftTree(torch.tensor([7, 20, 21, 22, 23, 24]), torch.tensor([-1, 0, 0, 1, 1, 3])),
@@ -50,20 +50,20 @@ def test_tree_pass_equals_each_root_to_node_path(arch):
 
 
 @pytest.mark.parametrize("spec", [DYNAMIC, STATIC], ids=["dynamic", "static"])
-def test_greedy_tree_equals_target_generate(pair, spec):
+def test_greedy_tree_equals_target_generate(pair, spec, impl):
     target, draft = pair
     refs = [hf_greedy(target, p, 30) for p in PROMPTS]
-    out = make_engine(target, draft).generate(request(str(i), p, 30, spec=spec) for i, p in enumerate(PROMPTS))
+    out = make_engine(target, draft, impl=impl).generate(request(str(i), p, 30, spec=spec) for i, p in enumerate(PROMPTS))
     assert [out[str(i)].generated for i in range(len(PROMPTS))] == refs
-    solo = make_engine(target, draft, slots=1)
+    solo = make_engine(target, draft, slots=1, impl=impl)
     for i, p in enumerate(PROMPTS):
         assert solo.generate([request("r", p, 30, spec=spec)])["r"].generated == refs[i]
 
 
-def test_draft_equal_to_target_tree_accepts_the_full_depth(pair):
+def test_draft_equal_to_target_tree_accepts_the_full_depth(pair, impl):
     target, _ = pair
     spec = SpecParams(mode=SpecMode.TREE, tree_budget=8, tree_depth=3, tree_topk=2, tree_static=True)
-    seq = make_engine(target, target).generate([request("r", PROMPTS[0], 40, spec=spec, ignore_eos=True)])["r"]
+    seq = make_engine(target, target, impl=impl).generate([request("r", PROMPTS[0], 40, spec=spec, ignore_eos=True)])["r"]
     assert seq.stats.emitted_per_step[4] == 10  # the top-1 path is the target's own: depth 3 + bonus, every step
 
 
@@ -87,14 +87,14 @@ def test_static_shape_is_closed_under_ancestors_and_lower_siblings():
         ("static tree", SpecParams(mode=SpecMode.TREE, tree_budget=6, tree_depth=2, tree_topk=2, tree_static=True)),
     ],
 )
-def test_sampled_speculation_draws_from_the_target_distribution(mode, spec):
+def test_sampled_speculation_draws_from_the_target_distribution(mode, spec, impl):
     """600 seeded requests; chi-square of the first two tokens against the exact joint. The draft
     is a perturbed copy of the target, so acceptance and rejection both happen often."""
     target = tiny_model("llama", seed=0)
     draft = perturbed_copy(target)
     sampling = SamplingParams(temperature=0.8, top_k=3)
     prompt = [5, 6, 7]
-    engine = make_engine(target, draft, slots=16)
+    engine = make_engine(target, draft, slots=16, impl=impl)
     out = engine.generate(
         request(str(s), prompt, 2, sampling=SamplingParams(temperature=0.8, top_k=3, seed=s), spec=spec, ignore_eos=True)
         for s in range(600)

@@ -13,6 +13,7 @@ from hedgerow.server.engine.engine import Engine
 from hedgerow.server.engine.runner import ModelRunner
 from hedgerow.server.engine.sequence import Request
 from hedgerow.server.models.hf import TransformersModel
+from hedgerow.server.models.native import from_transformers
 from hedgerow.verify.sampling import SamplingParams
 
 VOCAB = 128
@@ -56,14 +57,20 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return gen[: gen.index(EOS) + 1] if EOS in gen else gen
 
 
-def runner(model, *, slots=8, max_len=256, name="model") -> ModelRunner:
-    """A runner over a transformers model (tests build them directly from configs)."""
-    return ModelRunner(TransformersModel(model), num_slots=slots, max_len=max_len, name=name)
+IMPLS = ("transformers", "native")
 
 
-def make_engine(target, draft=None, *, mode=SpecMode.CHAIN, gamma=4, slots=8, max_len=256, adaptive="none", **cfg) -> Engine:
-    t = runner(target, slots=slots, max_len=max_len, name="target")
-    d = runner(draft, slots=slots, max_len=max_len, name="draft") if draft is not None else None
+def runner(model, *, slots=8, max_len=256, name="model", impl="transformers") -> ModelRunner:
+    """A runner over a transformers model built from a config, driven through transformers'
+    modules or through the native twin of its weights."""
+    driven = from_transformers(model, max_len) if impl == "native" else TransformersModel(model)
+    return ModelRunner(driven, num_slots=slots, max_len=max_len, name=name)
+
+
+def make_engine(target, draft=None, *, mode=SpecMode.CHAIN, gamma=4, slots=8, max_len=256, adaptive="none",
+                impl="transformers", **cfg) -> Engine:
+    t = runner(target, slots=slots, max_len=max_len, name="target", impl=impl)
+    d = runner(draft, slots=slots, max_len=max_len, name="draft", impl=impl) if draft is not None else None
     config = EngineConfig(max_model_len=max_len, max_batch_size=slots, spec=SpecParams(mode=mode, draft_tokens=gamma), adaptive=adaptive, **cfg)
     return Engine(t, d, eos_token_ids=[EOS], config=config)
 

@@ -42,6 +42,36 @@ class FlatBatch:
     def to(self, device: torch.device | str) -> "FlatBatch":
         return FlatBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
 
+    def padded(self, batch: int, nodes: int, kv_len: int) -> "FlatBatch":
+        """The same passes in a larger shape (a bucket whose compiled or captured pass is reused):
+        padding sequences and nodes are invalid (their KV goes to the scratch slot, they see key 0
+        only, as every padding row does), padding keys are masked."""
+        b, n = self.tokens.shape
+        k = self.kv_len
+        if batch < b or nodes < n or kv_len < k:
+            raise ValueError(f"cannot pad a [{b}, {n}] x {k} batch to [{batch}, {nodes}] x {kv_len}")
+
+        def grow(t: torch.Tensor, *shape: int, fill=0) -> torch.Tensor:
+            out = t.new_full(shape, fill)
+            out[tuple(slice(0, d) for d in t.shape)] = t
+            return out
+
+        node = torch.arange(nodes)
+        valid = grow(self.valid, batch, nodes, fill=False)
+        mask = grow(self.mask, batch, 1, nodes, kv_len, fill=False)
+        mask[:, 0, :, 0] |= ~valid  # every padding row sees key 0 (never an empty row)
+        return FlatBatch(
+            tokens=grow(self.tokens, batch, nodes),
+            positions=grow(self.positions, batch, nodes),
+            cache_rows=torch.where(valid, grow(self.cache_rows, batch, nodes), node[None, :]),
+            valid=valid,
+            ancestors=grow(self.ancestors, batch, nodes, nodes, fill=False),
+            mask=mask,
+            prefix_lens=grow(self.prefix_lens, batch),
+            num_nodes=grow(self.num_nodes, batch),
+            depths=grow(self.depths, batch, nodes),
+        )
+
 
 def tree_depths_and_ancestors(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Depth [N] and ancestor mask [N, N] of one tree; ``A[i] = A[parent(i)] | onehot(i)``."""

@@ -242,7 +242,7 @@ class AsyncEngine:
             emitted=len(out.token_ids),
             draft_tokens=out.draft_tokens,
             accepted_tokens=out.accepted_tokens,
-            speculative=out.error is None and out.sequence.spec.mode is not SpecMode.AR,
+            speculative=out.error is None and out.sequence.spec.mode is not SpecMode.PLAIN,
             branches=out.branches,
             branch_hit=out.branch_hit,
         )

@@ -2,7 +2,7 @@
 
     step:  admit -> plan -> propose -> flatten -> verify -> accept -> commit -> observe
 
-Plain decoding (``SpecMode.AR``) is the same step with a tree of one node (the root), so the
+Plain decoding (``SpecMode.PLAIN``) is the same step with a tree of one node (the root), so the
 baseline and speculative modes share every line of the runner. Values go forward: the policy's
 ``StepPlan`` to the proposer, its ``Drafts`` to verification and commit, one ``StepReport`` back
 to the policy.
@@ -49,7 +49,7 @@ class Engine:
         policy: Policy | None = None,
         clock: Clock = time.perf_counter,
     ):
-        if draft is None and config.spec.mode is not SpecMode.AR:
+        if draft is None and config.spec.mode is not SpecMode.PLAIN:
             raise HedgerowError(f"speculation mode {config.spec.mode.value} needs a draft model")
         self.target, self.draft, self.config, self.clock = target, draft, config, clock
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -81,7 +81,7 @@ class Engine:
             raise HedgerowError(f"prompt_token_ids: {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
         if request.max_new_tokens < 1:
             raise HedgerowError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
-        if spec.mode is not SpecMode.AR and self.draft is None:
+        if spec.mode is not SpecMode.PLAIN and self.draft is None:
             raise HedgerowError(f"speculation mode {spec.mode.value} needs a draft model; this server has none")
         if self.scheduler.find(request.request_id) is not None:
             raise HedgerowError(f"request_id {request.request_id!r} is already in flight")

@@ -6,35 +6,45 @@
 
 ``extend`` feeds plain token runs (prefill, draft catch-up) in chunks. The model is native
 (server/models/native) or transformers' (server/models/hf.py); either computes q, k, v and calls
-the ``SlotAttention`` the runner hands it for the pass.
+the ``SlotAttention`` the runner hands it for the pass. Passes of repeating shapes may run
+compiled or as CUDA graphs (server/engine/fast_pass.py).
 """
 
 from __future__ import annotations
 
 import torch
 
+from hedgerow.server.engine import fast_pass
+from hedgerow.server.engine.fast_pass import CompiledPasses, CudaGraphPasses, PassFunction, SlotAttention, plan_args
 from hedgerow.server.engine.kv_cache import SlotKVCache
 from hedgerow.server.models import attention
 from hedgerow.server.models.attention import ForwardPlan, TreeKernelPlan
 from hedgerow.verify.flatten import FlatBatch, flatten
 from hedgerow.verify.tree import DraftTree
 
-
-class SlotAttention:
-    """The ``attend(layer, q, k, v)`` of one pass: write k, v to the slots, attend as planned."""
-
-    def __init__(self, cache: SlotKVCache, plan: ForwardPlan, backend: attention.Backend):
-        self.cache, self.plan, self.backend = cache, plan, backend
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
-        """q [B, N, Hq, D], k/v [B, N, Hkv, D] -> [B, N, Hq, D]."""
-        self.cache.write(layer, k, v, self.plan)
-        scale = scale if scale is not None else q.shape[-1] ** -0.5
-        return self.backend(q, self.cache.keys[layer], self.cache.values[layer], self.plan, scale)
+COMPILE_MODES = ("off", "on", "auto")
 
 
 class ModelRunner:
-    def __init__(self, model, *, num_slots: int, max_len: int, name: str = "model", backend: str = "reference"):
+    def __init__(
+        self,
+        model,
+        *,
+        num_slots: int,
+        max_len: int,
+        name: str = "model",
+        backend: str = "reference",
+        compile: str = "off",
+        compile_backend: str = "inductor",
+        cuda_graphs: str = "off",
+    ):
+        """``compile``: off | on (compile now) | auto (compile in the background, use what times
+        faster) -- CPU only, with torch.compile's ``compile_backend``; ``cuda_graphs``: off | auto
+        (capture each bucket at its first use) -- CUDA only."""
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if cuda_graphs not in ("off", "auto"):
+            raise ValueError(f"cuda_graphs must be off or auto, got {cuda_graphs!r}")
         self.name = name
         self.model = model
         self.device, self.dtype = model.device, model.dtype
@@ -51,9 +61,29 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
+        self.pass_fn = PassFunction(model, self.cache, self._attend)
+        cuda = self.device.type == "cuda"
+        self.graphs = CudaGraphPasses(self.pass_fn, self.cache, num_slots, name) if cuda and cuda_graphs == "auto" else None
+        self.compiled = CompiledPasses(self.pass_fn, name, compile_backend) if not cuda and compile != "off" else None
+        if self.compiled is not None:
+            examples = {(b == 1, n == 1): self._example(b, n) for b in (1, 2) for n in (1, 4)}
+            if compile == "on":
+                self.compiled.prepare(examples, measure=False)
+            else:
+                fast_pass.start_background(lambda: self.compiled.prepare(examples, measure=True), f"{name}-compile")
 
-    def plan(self, slots: list[int], flat: FlatBatch) -> ForwardPlan:
-        """Where the pass writes (scratch for padding) and what it reads, on the model's device."""
+    @torch.inference_mode()  # as every pass's tensors: a compiled pass is specialised on it
+    def _example(self, batch: int, nodes: int) -> tuple:
+        """Arguments of a pass that writes and reads the scratch slot only (after 16 rows, so that
+        no size of the example is 1 by accident: a size of 1 would be compiled in as a constant)."""
+        flat = flatten([DraftTree.chain([0] * nodes)] * batch, [16] * batch).to(self.device)
+        plan = self.plan([self.cache.scratch_slot] * batch, flat, view=False)
+        return plan_args(plan, flat.tokens, flat.positions)
+
+    def plan(self, slots: list[int], flat: FlatBatch, view: bool = True) -> ForwardPlan:
+        """Where the pass writes (scratch for padding) and what it reads, on the model's device.
+        ``view``: read a contiguous run of slots as a view (eager passes; a compiled or captured
+        pass always gathers the slots it reads)."""
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
         node = torch.arange(flat.tokens.shape[1], device=self.device)
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
@@ -70,7 +100,7 @@ class ModelRunner:
             write_rows=torch.where(flat.valid, flat.cache_rows, node[None, :]),
             read_slots=slot_t,
             mask=flat.mask,
-            read_range=(slots[0], slots[0] + len(slots)) if contiguous else None,
+            read_range=(slots[0], slots[0] + len(slots)) if contiguous and view else None,
             tree=tree,
         )
 
@@ -80,7 +110,19 @@ class ModelRunner:
         rows_needed = int((flat.prefix_lens + flat.num_nodes).max())
         if rows_needed > self.max_len:
             raise ValueError(f"{self.name}: a block needs {rows_needed} KV rows, the cache holds {self.max_len}")
+        batch, nodes = flat.tokens.shape
+        if self.graphs is not None and self.graphs.accepts(batch, nodes):
+            shape = self.graphs.shape(flat)
+            padded = flat.padded(*shape).to(self.device)
+            plan = self.plan(slots + [self.cache.scratch_slot] * (shape[0] - batch), padded, view=False)
+            key = (*shape, plan.tree is not None)
+            return self.graphs(key, plan_args(plan, padded.tokens, padded.positions), batch, nodes)
         flat = flat.to(self.device)
+        if self.compiled is not None and self.compiled.accepts(batch, nodes):
+            # a compiled pass is specialised on inference tensors; the batch was built outside
+            flat = FlatBatch(**{k: v.clone() for k, v in vars(flat).items()})
+            plan = self.plan(slots, flat, view=False)
+            return self.compiled(*plan_args(plan, flat.tokens, flat.positions))
         attend = SlotAttention(self.cache, self.plan(slots, flat), self._attend)
         return self.model.forward(flat.tokens, flat.positions, attend)
 

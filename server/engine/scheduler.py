@@ -30,7 +30,7 @@ class Scheduler:
         admitted = []
         while self.waiting and self.target_cache.free_slots:
             seq = self.waiting[0]
-            needs_draft = seq.spec.mode is not SpecMode.AR
+            needs_draft = seq.spec.mode is not SpecMode.PLAIN
             if needs_draft and not self.draft_cache.free_slots:
                 break
             self.waiting.popleft()

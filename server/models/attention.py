@@ -62,7 +62,7 @@ def reference_attention(
     else:
         k, v = keys[plan.read_slots, :, :n], values[plan.read_slots, :, :n]
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k, v, attn_mask=plan.mask, scale=scale, enable_gqa=q.shape[2] != k.shape[1]
+        q.transpose(1, 2), k, v, attn_mask=plan.mask, scale=scale, enable_gqa=bool(q.shape[2] != k.shape[1])
     )
     return out.transpose(1, 2)
 

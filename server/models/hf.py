@@ -63,6 +63,7 @@ class TransformersModel:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.generation_config = getattr(model, "generation_config", None)  # its EOS ids count as stops
+        self.name_or_path = model.name_or_path
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         """tokens, positions [B, N] -> final hidden states [B, N, hidden]."""

@@ -7,6 +7,7 @@ special tokens. A mismatched pair is refused here, naming both.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import torch
 from hedgerow.server.engine.errors import HedgerowError
 from hedgerow.server.models import hf
 
+log = logging.getLogger("hedgerow.loader")
+MODEL_IMPLS = ("auto", "native", "transformers")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -66,16 +69,52 @@ def load_tokenizer(path: str, role: str):
         raise HedgerowError(f"cannot load the {role} tokenizer from {path!r}: {_first_line(exc)}") from None
 
 
-def load_model(path: str, role: str, device: torch.device, dtype: torch.dtype) -> hf.TransformersModel:
+def load_model(path: str, role: str, device: torch.device, dtype: torch.dtype, impl: str = "auto", max_len: int = 2048):
+    """The model at ``path`` as the runner drives it: native when ``impl`` is ``native``, or
+    ``auto`` and the architecture is one the native code runs exactly; transformers otherwise.
+    Says which in one log line."""
+    if impl not in MODEL_IMPLS:
+        raise HedgerowError(f"--model-impl must be one of {', '.join(MODEL_IMPLS)}, got {impl!r}")
+    check_source(path, role)
+    if impl == "transformers":
+        log.info("%s model: transformers (--model-impl transformers)", role)
+        return _load_transformers(path, role, device, dtype)
+    from hedgerow.server.models.native import UnsupportedModel, load_native
+
+    try:
+        model = load_native(os.path.expanduser(path), device=device, dtype=dtype, max_positions=max_len)
+    except UnsupportedModel as exc:
+        if impl == "native":
+            raise HedgerowError(f"--model-impl native: the {role} model {path} cannot run natively: {exc}") from None
+        log.info("%s model: transformers (%s)", role, exc)
+        return _load_transformers(path, role, device, dtype)
+    except (OSError, ValueError) as exc:
+        raise HedgerowError(f"cannot load the {role} model from {path!r}: {_first_line(exc)}") from None
+    model.generation_config = _generation_config(path)
+    model.name_or_path = path
+    log.info("%s model: native %s", role, model.config.architecture)
+    return model
+
+
+def _load_transformers(path: str, role: str, device: torch.device, dtype: torch.dtype) -> hf.TransformersModel:
     from transformers import AutoModelForCausalLM
 
-    check_source(path, role)
     hf.register()
     try:
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), dtype=dtype, attn_implementation=hf.ATTENTION)
     except (OSError, ValueError) as exc:
         raise HedgerowError(f"cannot load the {role} model from {path!r}: {_first_line(exc)}") from None
     return hf.TransformersModel(model.to(device))
+
+
+def _generation_config(path: str):
+    """generation_config.json, where a model keeps EOS ids its tokenizer may not name (None if absent)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(os.path.expanduser(path))
+    except OSError:
+        return None
 
 
 def _special_tokens(tok) -> dict[str, object]:
@@ -105,8 +144,8 @@ def check_pair(target_tok, draft_tok, target_name: str, draft_name: str) -> None
 @dataclass
 class LoadedPair:
     tokenizer: object
-    target: hf.TransformersModel
-    draft: hf.TransformersModel | None
+    target: object  # a NativeCausalLM or a hf.TransformersModel
+    draft: object | None
 
 
 def load_pair(
@@ -116,14 +155,16 @@ def load_pair(
     target_device: str = "cpu",
     draft_device: str | None = None,
     dtype: str | None = None,
+    model_impl: str = "auto",
+    max_len: int = 2048,
 ) -> LoadedPair:
     tdev = parse_device(target_device, "--target-device")
     ddev = parse_device(draft_device or target_device, "--draft-device")
     tokenizer = load_tokenizer(target, "target")
     if draft is not None:
         check_pair(tokenizer, load_tokenizer(draft, "draft"), target, draft)
-    target_model = load_model(target, "target", tdev, resolve_dtype(dtype, tdev))
-    draft_model = load_model(draft, "draft", ddev, resolve_dtype(dtype, ddev)) if draft else None
+    target_model = load_model(target, "target", tdev, resolve_dtype(dtype, tdev), model_impl, max_len)
+    draft_model = load_model(draft, "draft", ddev, resolve_dtype(dtype, ddev), model_impl, max_len) if draft else None
     return LoadedPair(tokenizer, target_model, draft_model)
 
 

@@ -8,8 +8,9 @@ exactly as transformers does, so the caller can fall back to transformers.
 
 from hedgerow.server.models.native.config import NativeConfig, RopeScaling, UnsupportedModel, native_config
 from hedgerow.server.models.native.llama import Attend, NativeCausalLM
-from hedgerow.server.models.native.load import load_native
+from hedgerow.server.models.native.load import from_transformers, load_native
 
 __all__ = [
-    "Attend", "NativeCausalLM", "NativeConfig", "RopeScaling", "UnsupportedModel", "load_native", "native_config",
+    "Attend", "NativeCausalLM", "NativeConfig", "RopeScaling", "UnsupportedModel", "from_transformers", "load_native",
+    "native_config",
 ]

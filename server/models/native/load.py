@@ -75,31 +75,50 @@ def _ignored(name: str, config: NativeConfig) -> bool:
     return (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq")
 
 
-def _place(file: Path, name: str, tensor: torch.Tensor, targets: Targets, architecture: str) -> None:
+def _place(origin: str, name: str, tensor: torch.Tensor, targets: Targets, architecture: str) -> None:
     if name not in targets:
-        raise UnsupportedModel(f"{file.name}: tensor {name!r} has no place in the native {architecture} model")
+        raise UnsupportedModel(f"{origin}: tensor {name!r} has no place in the native {architecture} model")
     dest, shape = targets[name]
     if tuple(tensor.shape) != shape:
-        raise ValueError(f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {shape}")
+        raise ValueError(f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {shape}")
     dest.copy_(tensor)
 
 
 def load_weights(model: NativeCausalLM, files: list[Path]) -> None:
     """Fill every native parameter from the safetensors ``files``."""
+
+    def tensors():
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield file.name, name, f.get_tensor(name)
+
+    _fill(model, tensors(), str(files[0].parent))
+
+
+def _fill(model: NativeCausalLM, tensors, source: str) -> None:
+    """Copy (origin, name, tensor) triples into their places; every place must be filled."""
     config = model.config
     targets = weight_targets(model)
     seen: set[str] = set()
     with torch.no_grad():
-        for file in files:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if not _ignored(name, config):
-                        _place(file, name, f.get_tensor(name), targets, config.architecture)
-                        seen.add(name)
+        for origin, name, tensor in tensors:
+            if not _ignored(name, config):
+                _place(origin, name, tensor, targets, config.architecture)
+                seen.add(name)
     missing = sorted(set(targets) - seen)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ValueError(f"checkpoint {files[0].parent} lacks tensor {missing[0]!r}{more}")
+        raise ValueError(f"checkpoint {source} lacks tensor {missing[0]!r}{more}")
+
+
+def from_transformers(hf_model: torch.nn.Module, max_positions: int) -> NativeCausalLM:
+    """The native twin of a transformers model already in memory (same weights, device and dtype)."""
+    config = native_config(hf_model.config)
+    param = next(hf_model.parameters())
+    model = NativeCausalLM(config, max_positions, device=param.device, dtype=param.dtype)
+    _fill(model, (("state_dict", k, v) for k, v in hf_model.state_dict().items()), type(hf_model).__name__)
+    return model.eval()
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
