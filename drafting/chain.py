@@ -19,7 +19,7 @@ import torch
 from hedgerow.drafting.base import DraftSequence
 from hedgerow.drafting.branch import Hedge
 from hedgerow.drafting.draft_model import DraftModel
-from hedgerow.verify.flatten import flatten
+from hedgerow.verify.flatten import flatten_chains
 from hedgerow.verify.sampling import sample, warp_probs
 from hedgerow.verify.tree import ChildRule, DraftTree
 
@@ -77,9 +77,8 @@ class ChainProposer:
             if not live:
                 break
             # feed each live sequence its newest draft token, at the row after its last one
-            flat = flatten(
-                [DraftTree.chain([drafted[k][-1]]) for k in live],
-                [group[k].draft_len + len(drafted[k]) - 1 for k in live],
+            flat = flatten_chains(
+                [[drafted[k][-1]] for k in live], [group[k].draft_len + len(drafted[k]) - 1 for k in live]
             )
             logits = self.draft.forward_logits([group[k].draft_slot for k in live], flat, passes)[:, 0]
             rows = {k: r for r, k in enumerate(live)}

@@ -5,6 +5,7 @@ import random
 import torch
 
 from hedgerow.verify.flatten import flatten, tree_depths_and_ancestors
+from hedgerow.verify.tree import DraftTree
 
 
 def random_parents(n: int, rng: random.Random) -> list[int]:
@@ -19,7 +20,7 @@ def path_to_root(parents: list[int], i: int) -> list[int]:
 
 
 def test_worked_example_from_the_docstring():
-    flat = flatten([type("T", (), {"tokens": torch.tensor([10, 11, 12, 13]), "parents": torch.tensor([-1, 0, 0, 1])})], [5])
+    flat = flatten([DraftTree(torch.tensor([10, 11, 12, 13]), torch.tensor([-1, 0, 0, 1]))], [5])
     assert flat.positions.tolist() == [[5, 6, 6, 7]]
     assert flat.cache_rows.tolist() == [[5, 6, 7, 8]]
     assert flat.ancestors[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]]
@@ -33,8 +34,7 @@ def test_flatten_matches_brute_force_on_random_batches():
         for _ in range(b):
             n = rng.randint(1, 12)
             parents = random_parents(n, rng)
-            trees.append(type("T", (), {"tokens": torch.tensor([rng.randrange(100) for _ in range(n)]),
-                                        "parents": torch.tensor(parents)}))
+            trees.append(DraftTree(torch.tensor([rng.randrange(100) for _ in range(n)]), torch.tensor(parents)))
             lens.append(rng.randint(0, 9))
         flat = flatten(trees, lens)
         kv = max(l + t.tokens.shape[0] for l, t in zip(lens, trees))
@@ -60,3 +60,19 @@ def test_chain_fast_path_equals_general_construction():
     depth, anc = tree_depths_and_ancestors(parents)
     assert depth.tolist() == list(range(7))
     assert torch.equal(anc, torch.ones(7, 7, dtype=torch.bool).tril())
+
+
+def test_chains_flatten_as_the_general_trees_do():
+    import random
+
+    from hedgerow.verify.flatten import flatten_chains, pack
+
+    rng = random.Random(0)
+    for _ in range(50):
+        runs = [[rng.randrange(100) for _ in range(rng.randint(1, 6))] for _ in range(rng.randint(1, 4))]
+        lens = [rng.randint(0, 9) for _ in runs]
+        fast = flatten_chains(runs, lens)
+        shapes = [tree_depths_and_ancestors(torch.arange(len(r)) - 1) for r in runs]
+        general = pack([torch.tensor(r) for r in runs], [d for d, _ in shapes], lens, [a for _, a in shapes])
+        for name, value in vars(general).items():
+            assert torch.equal(getattr(fast, name), value), name

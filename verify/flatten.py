@@ -87,6 +87,7 @@ def tree_depths_and_ancestors(parents: torch.Tensor) -> tuple[torch.Tensor, torc
     return torch.tensor(depth), anc
 
 
+@torch.inference_mode()
 def pack(
     tokens: Sequence[torch.Tensor],
     depths: Sequence[torch.Tensor],
@@ -149,9 +150,47 @@ def pack(
     )
 
 
+@torch.inference_mode()
+def flatten_chains(runs: Sequence[Sequence[int]], prefix_lens: Sequence[int]) -> FlatBatch:
+    """``flatten`` for token runs, each node the child of the one before (decode and catch-up
+    passes, chain verification): the same tensors, built without a loop over nodes.
+
+    Row i of a run after L cached rows sits at position and cache row L + i and sees keys
+    [0, L + i]; padding rows sit at L, write to L + i and see key 0 only.
+    """
+    sizes = [len(r) for r in runs]
+    n = max(sizes)
+    lens = torch.tensor(list(prefix_lens), dtype=torch.long)
+    num = torch.tensor(sizes, dtype=torch.long)
+    tok = torch.tensor([list(r) + [0] * (n - len(r)) for r in runs], dtype=torch.long)  # [B, N]
+    node = torch.arange(n)
+    valid = node[None, :] < num[:, None]  # [B, N]
+    dep = node[None, :] * valid
+    cols = torch.arange(int((lens + num).max()))
+    mask = cols[None, None, :] < (lens + 1)[:, None, None] + node[None, :, None]  # [B, N, K]
+    mask = torch.where(valid[:, :, None], mask, cols[None, None, :] == 0)
+    tril = torch.ones(n, n, dtype=torch.bool).tril()
+    return FlatBatch(
+        tokens=tok,
+        positions=lens[:, None] + dep,
+        cache_rows=lens[:, None] + node[None, :],
+        valid=valid,
+        ancestors=tril[None] & valid[:, :, None] & valid[:, None, :],
+        mask=mask[:, None],
+        prefix_lens=lens,
+        num_nodes=num,
+        depths=dep,
+    )
+
+
+@torch.inference_mode()
 def flatten(trees: Sequence[DraftTree], prefix_lens: Sequence[int]) -> FlatBatch:
-    """Pure function: trees + cached prefix lengths -> the tensors of one batched forward (on CPU)."""
+    """Pure function: trees + cached prefix lengths -> the tensors of one batched forward (on CPU).
+
+    Built in inference mode, as every pass runs (a compiled pass is specialised on it)."""
     if len(trees) != len(prefix_lens) or not trees:
         raise ValueError("flatten needs one prefix length per tree and at least one tree")
+    if all(t.is_chain for t in trees):
+        return flatten_chains([t.tokens.tolist() for t in trees], prefix_lens)
     shapes = [tree_depths_and_ancestors(t.parents) for t in trees]
     return pack([t.tokens for t in trees], [d for d, _ in shapes], prefix_lens, [a for _, a in shapes])

@@ -45,12 +45,14 @@ class DraftTree:
     rule: ChildRule = ChildRule.POINT_MASS
     draft_probs: torch.Tensor | None = None
     children: list[list[int]] = field(init=False, repr=False)
+    is_chain: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         n = self.tokens.shape[0]
         if n < 1 or self.parents.shape != (n,) or int(self.parents[0]) != -1:
             raise ValueError("a draft tree needs a root (parents[0] == -1) and one parent per node")
         parents = self.parents.tolist()
+        self.is_chain = all(p == i - 1 for i, p in enumerate(parents))  # each node the child of the one before
         self.children = [[] for _ in range(n)]
         for i in range(1, n):
             if not 0 <= parents[i] < i:

@@ -19,7 +19,7 @@ from hedgerow.server.engine.fast_pass import CompiledPasses, CudaGraphPasses, Pa
 from hedgerow.server.engine.kv_cache import SlotKVCache
 from hedgerow.server.models import attention
 from hedgerow.server.models.attention import ForwardPlan, TreeKernelPlan
-from hedgerow.verify.flatten import FlatBatch, flatten
+from hedgerow.verify.flatten import FlatBatch, flatten, flatten_chains
 from hedgerow.verify.tree import DraftTree
 
 COMPILE_MODES = ("off", "on", "auto")
@@ -119,8 +119,6 @@ class ModelRunner:
             return self.graphs(key, plan_args(plan, padded.tokens, padded.positions), batch, nodes)
         flat = flat.to(self.device)
         if self.compiled is not None and self.compiled.accepts(batch, nodes):
-            # a compiled pass is specialised on inference tensors; the batch was built outside
-            flat = FlatBatch(**{k: v.clone() for k, v in vars(flat).items()})
             plan = self.plan(slots, flat, view=False)
             return self.compiled(*plan_args(plan, flat.tokens, flat.positions))
         attend = SlotAttention(self.cache, self.plan(slots, flat), self._attend)
@@ -142,7 +140,7 @@ class ModelRunner:
             if not rows:
                 break
             pieces = [chains[i][done[i] : done[i] + chunk] for i in rows]
-            flat = flatten([DraftTree.chain(p) for p in pieces], [prefix_lens[i] + done[i] for i in rows])
+            flat = flatten_chains(pieces, [prefix_lens[i] + done[i] for i in rows])
             hidden = self.forward([slots[i] for i in rows], flat)
             for k, i in enumerate(rows):
                 done[i] += len(pieces[k])
