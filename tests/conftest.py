@@ -1,5 +1,5 @@
+import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+
+from tests.tiny import IMPLS  # noqa: E402
 
 # Tiny test models are dominated by per-op overhead: one thread is faster and steadier than an
 # OpenMP team competing with the test's own server threads on a 2-core machine.
@@ -57,7 +59,73 @@ def tiny_folders(tmp_path_factory):
     }
 
 
-@pytest.fixture(params=["transformers", "native"])
+@pytest.fixture(autouse=True)
+def hedgerow_log_handler_per_test():
+    """``hedgerow.server.cli.main`` gives the "hedgerow" logger a handler on the sys.stderr of the
+    moment, which in a test is that test's capture, closed after it: each test starts without one."""
+    yield
+    logging.getLogger("hedgerow").handlers.clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_folders):
+    """The tiny pair's byte-level BPE tokenizer: it decodes any id of tiny.py's 128-token models
+    (to bytes, mostly), so a live server of those models can stream text."""
+    from hedgerow.server.models.loader import load_tokenizer
+
+    return load_tokenizer(str(tiny_folders["target"]), "target")
+
+
+@pytest.fixture(params=IMPLS)
 def impl(request):
-    """The model implementation an engine test runs on: transformers' modules or Hedgerow's own."""
+    """The model implementation an engine test runs on: transformers' modules or Hedgerow's own
+    (tiny.VARIANTS parametrizes it where the two belong to different tiers)."""
     return request.param
+
+
+# --- the proxy tests' live setup: one gRPC server of the tiny folder pair and one proxy per module -
+# (tests.live imports the serving stack, fastapi included: only the tests that use it pay for it)
+@pytest.fixture(scope="module")
+def backend(tiny_folders):
+    from tests.live import text_server
+
+    with text_server(tiny_folders) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy(backend):
+    from tests.live import LiveProxy
+
+    with LiveProxy(backend.address) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def client(proxy):
+    return proxy.client()
+
+
+@pytest.fixture(scope="module")
+def model(backend):
+    """The served model's name, as the proxy lists it."""
+    from hedgerow.server.rpc import generation_pb2 as pb
+
+    return backend.stub.ModelInfo(pb.ModelInfoRequest(), timeout=10).target
+
+
+# --- tiers ---------------------------------------------------------------------------------------
+TIERS = ("unit", "engine", "live", "slow", "gpu")  # registered in pyproject.toml
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test has exactly one tier: the tiers partition the suite, so that ``-m "unit or engine"``
+    and the like select what they name and nothing else."""
+    wrong = []
+    for item in items:
+        found = sorted({m.name for m in item.iter_markers()} & set(TIERS))
+        if len(found) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(found) or 'no tier'}")
+    if wrong:
+        raise pytest.UsageError(f"every test needs exactly one tier marker of {', '.join(TIERS)}:\n  "
+                                + "\n  ".join(wrong))

@@ -1,33 +1,154 @@
-"""A live gRPC server for tests: Hedgerow's service on its own event-loop thread, a sync stub."""
+"""The live harness every live test uses: Hedgerow's gRPC service in process on its own event-loop
+thread with sync clients (and its /metrics over HTTP on request), and the OpenAI-compatible proxy in
+uvicorn in front of it; both on free ports."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import grpc
+import httpx
+import uvicorn
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hedgerow.server.service.grpc_service import start_server
-from hedgerow.server.service.metrics import Metrics
+from hedgerow.drafting.spec import SpecParams
+from hedgerow.server.engine.config import EngineConfig
+from hedgerow.server.engine.engine import Engine
+from hedgerow.server.engine.runner import ModelRunner
+from hedgerow.server.models.loader import load_pair
+from hedgerow.server.proxy.app import create_app
+from hedgerow.server.proxy.cli import listen
+from hedgerow.server.proxy.config import ProxyConfig
 from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
+from hedgerow.server.service.grpc_service import ServiceConfig, start_server
+from hedgerow.server.service.metrics import Metrics
 
 
 class LiveServer:
-    def __init__(self, engine, tokenizer, **kw):
+    """``engine`` served over gRPC on port 0. ``delay``: seconds added to every target pass (settable
+    at any time), so that requests are surely in flight when a test cancels them."""
+
+    def __init__(self, engine, tokenizer, *, delay: float = 0.0, metrics: Metrics | None = None, **service):
+        self.delay = delay
+        forward = engine.target.forward
+
+        def delayed(slots, flat):
+            if self.delay:
+                time.sleep(self.delay)
+            return forward(slots, flat)
+
+        engine.target.forward = delayed
+        self.tokenizer = tokenizer
+        self.metrics = metrics or Metrics()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.metrics = kw.pop("metrics", None) or Metrics()
-        self.server = self._run(start_server(engine, tokenizer, port=0, metrics=self.metrics, **kw))
+        self.server = self._run(start_server(engine, tokenizer, port=0, metrics=self.metrics, **service))
         self.address = f"127.0.0.1:{self.server.port}"
         self.channel = grpc.insecure_channel(self.address)
         self.stub = pb_grpc.GenerationStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self._http = None
 
     def _run(self, coro, timeout=60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def close(self):
+    def serve_metrics(self) -> int:
+        """Serve /metrics over HTTP on a free port (until ``close``); returns the port."""
+        if self._http is None:
+            self._http = self.metrics.serve(0, "127.0.0.1")
+        return self._http.server_port
+
+    def serving(self) -> bool:
+        for service in ("", "hedgerow.v1.Generation"):
+            reply = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+        return True
+
+    def engine_state(self) -> tuple[int, int, int, int]:
+        """(target KV slots in use, draft KV slots in use, running, waiting), read on the engine thread."""
+        def read(e):
+            return (e.target.cache.slots_in_use, e.draft.cache.slots_in_use if e.draft else 0,
+                    len(e.scheduler.running), len(e.scheduler.waiting))
+        return self.server.engine.call(read)
+
+    def sample(self, name: str, **labels) -> float:
+        return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+    def wait_until(self, check, what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"{what}: slots/running/waiting still {self.engine_state()}"
+            time.sleep(0.02)
+
+    def wait_idle(self, timeout: float = 20.0) -> None:
+        self.wait_until(lambda: self.engine_state() == (0, 0, 0, 0), "still busy", timeout)
+
+    def close(self) -> None:
         self.channel.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
         self._run(self.server.stop(None))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+    def __enter__(self) -> LiveServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+TEXT_PROMPTS = ["def fibonacci(n):", "import os\n", "for i in range(10):"]  # for text_server
+
+
+def text_server(folders) -> LiveServer:
+    """A server of the tiny pair saved as Hugging Face folders (conftest's ``tiny_folders``), whose
+    byte-level BPE tokenizer takes text prompts and stop strings: 3 draft tokens per step."""
+    pair = load_pair(str(folders["target"]), str(folders["draft"]))
+    config = EngineConfig(max_model_len=128, max_batch_size=4, adaptive="none", spec=SpecParams(draft_tokens=3))
+    engine = Engine(ModelRunner(pair.target, num_slots=4, max_len=128),
+                    ModelRunner(pair.draft, num_slots=4, max_len=128),
+                    eos_token_ids=[pair.tokenizer.eos_token_id], config=config)
+    service = ServiceConfig(target_name=str(folders["target"]), draft_name=str(folders["draft"]))
+    return LiveServer(engine, pair.tokenizer, config=service)
+
+
+class LiveProxy:
+    """The proxy app (``hedgerow proxy``) in uvicorn on a free port, in a thread, in front of the
+    gRPC server at ``grpc_target``; ``config``: the rest of ProxyConfig."""
+
+    def __init__(self, grpc_target: str, **config):
+        sock = listen("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        app = create_app(ProxyConfig(grpc_target=grpc_target, **config))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the proxy did not start"
+            time.sleep(0.01)
+
+    def client(self, key="none", **kw):
+        """The official ``openai`` client, pointed at the proxy."""
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
+
+    def post(self, path: str, body: dict, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=60, **kw)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+    def __enter__(self) -> LiveProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -133,12 +133,14 @@ EXACT = 1e-9
 
 
 # --- chains (algorithms.md §1) ------------------------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize("params", WARPS, ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}")
 @pytest.mark.parametrize("gamma", [1, 3])
 def test_chain_rule_reproduces_the_target_exactly(params, gamma):
     assert max_error([1] * gamma, "iid", ChildRule.IID, params) < EXACT
 
 
+@pytest.mark.unit
 def test_chain_greedy_draft_with_point_mass_rule_is_exact():
     assert max_error([1, 1], "topk", ChildRule.POINT_MASS, WARPS[0]) < EXACT
 
@@ -149,15 +151,18 @@ def _resample_from_p(p, kids, rule, q) -> NodeOutcome:
     return NodeOutcome(oc.accept_probs, p)
 
 
+@pytest.mark.unit
 def test_negative_control_resampling_from_p_is_biased():
     assert max_error([1, 1], "iid", ChildRule.IID, WARPS[0], outcomes_fn=_resample_from_p) > 1e-3
 
 
+@pytest.mark.unit
 def test_negative_control_argmax_draft_verified_with_softmax_is_biased():
     assert max_error([1, 1], "topk", ChildRule.IID, WARPS[0]) > 1e-3
 
 
 # --- trees (algorithms.md §2) -------------------------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize("params", WARPS[:3], ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}")
 @pytest.mark.parametrize(
     "how,rule,shape",
@@ -174,6 +179,7 @@ def test_tree_rules_reproduce_the_target_exactly(how, rule, shape, params):
     assert max_error(shape, how, rule, params) < EXACT
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "how,rule",
     [
@@ -186,6 +192,7 @@ def test_negative_controls_wrong_rule_is_biased(how, rule):
 
 
 # --- the sampling path itself -------------------------------------------------------------------
+@pytest.mark.slow
 def test_sampling_walk_draws_from_the_exact_distribution():
     """Monte Carlo check of the production walk (random draws) on one fixed two-level tree."""
     p_model, q_model = Model(7, WARPS[0]), Model(8, WARPS[0], sharp=1.0)

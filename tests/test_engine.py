@@ -4,16 +4,17 @@ import pytest
 import torch
 
 from hedgerow.drafting.spec import SpecMode
-from tests.tiny import PROMPTS, EOS, hf_greedy, make_engine, request, runner, tiny_model, transformers_attention
 from hedgerow.verify.flatten import flatten
 from hedgerow.verify.sampling import SamplingParams
 from hedgerow.verify.tree import DraftTree
+from tests.tiny import (EOS, PROMPTS, VARIANTS, hf_greedy, make_engine, request, runner, tiny_model,
+                        transformers_attention)
+
+pytestmark = VARIANTS
 
 
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def pair(request):
-    arch = request.param
+@pytest.fixture(scope="module")
+def pair(arch):
     return tiny_model(arch, seed=0), tiny_model(arch, seed=1, layers=1, hidden=32)
 
 

@@ -43,6 +43,7 @@ def verify_batch(prompts):
     return flatten(trees, [len(p) - 1 for p in prompts])
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("which", [0, 1])
 @pytest.mark.parametrize("shape", ["decode", "verify"])
 def test_a_pass_traces_whole_and_computes_what_eager_does(models, which, shape):
@@ -57,6 +58,7 @@ def test_a_pass_traces_whole_and_computes_what_eager_does(models, which, shape):
     assert torch.equal(traced, eager)
 
 
+@pytest.mark.slow
 def test_compiled_runners_keep_greedy_output_equal_to_the_target(models):
     target = models[0]
     draft = tiny_model("llama", seed=3, layers=1, hidden=32, dtype=torch.float32)
@@ -71,6 +73,7 @@ def test_compiled_runners_keep_greedy_output_equal_to_the_target(models):
         assert [out[f"{spec.mode.value}{i}"].generated for i in range(len(PROMPTS))] == refs
 
 
+@pytest.mark.engine
 def test_auto_compile_keeps_a_shape_class_only_if_it_timed_faster(models):
     run = native_runner(models[0])
     passes = CompiledPasses(run.pass_fn, "target", BACKEND)
@@ -80,6 +83,7 @@ def test_auto_compile_keeps_a_shape_class_only_if_it_timed_faster(models):
     assert ((True, True) in passes.enabled) == entry["used"]
 
 
+@pytest.mark.engine
 def test_a_padded_pass_computes_the_real_rows_exactly(models):
     """What a captured CUDA graph runs: the batch padded to its bucket (rows, tokens, keys), the
     padding's KV written to the scratch slot."""
@@ -95,6 +99,7 @@ def test_a_padded_pass_computes_the_real_rows_exactly(models):
     assert torch.allclose(got[:3, :5], want, atol=1e-5), (got[:3, :5] - want).abs().max()
 
 
+@pytest.mark.engine
 def test_unknown_compile_modes_are_refused(models):
     with pytest.raises(ValueError, match="compile"):
         native_runner(models[0], compile="fast")

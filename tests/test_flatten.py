@@ -2,10 +2,13 @@
 
 import random
 
+import pytest
 import torch
 
 from hedgerow.verify.flatten import flatten, tree_depths_and_ancestors
 from hedgerow.verify.tree import DraftTree
+
+pytestmark = pytest.mark.unit
 
 
 def random_parents(n: int, rng: random.Random) -> list[int]:

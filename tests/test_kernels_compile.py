@@ -22,6 +22,7 @@ from tests.kernel_problems import call_args, make_problem
 # Always: mask packing, split plan, optional import
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_pack_tree_mask_worked_example_and_round_trip():
     mask = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)
     assert kernels.pack_tree_mask(mask).tolist() == [[[1], [3], [5]]]
@@ -37,6 +38,7 @@ def test_pack_tree_mask_worked_example_and_round_trip():
     assert kernels.pack_tree_mask(full)[0, 0, 0] == -1  # bit 31 set: the int32 word is negative
 
 
+@pytest.mark.unit
 def test_plan_prefix_splits_covers_the_prefix():
     for max_prefix in (0, 1, 31, 256, 1000, 5000, 70000):
         for base_blocks in (1, 7, 64, 5000):
@@ -46,6 +48,7 @@ def test_plan_prefix_splits_covers_the_prefix():
             assert chunk >= 256 or max_prefix == 0
 
 
+@pytest.mark.unit
 def test_import_and_errors_without_cuda_python(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.core", None)
     monkeypatch.setitem(sys.modules, "cuda.core.experimental", None)
@@ -55,12 +58,14 @@ def test_import_and_errors_without_cuda_python(monkeypatch):
         kernels.compile_kernels("sm_90")
 
 
+@pytest.mark.unit
 def test_tree_attention_needs_cuda_tensors():
     p = make_problem()
     with pytest.raises(kernels.CudaKernelsUnavailable):
         kernels.tree_attention(**call_args(p))
 
 
+@pytest.mark.unit
 def test_auto_backend_stays_on_reference_until_validated():
     from hedgerow.server.models.attention import resolve_backend
 
@@ -97,6 +102,7 @@ def compiled(tmp_path_factory):
         mp.undo()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_kernel_variant_compiles(compiled, arch):
     cubins = compiled[arch]
@@ -111,6 +117,7 @@ def test_every_kernel_variant_compiles(compiled, arch):
             assert f"hedgerow_tree_attn_partial_{t}_d{d}" in attn and f"hedgerow_tree_attn_merge_{t}_d{d}" in attn
 
 
+@pytest.mark.slow
 def test_compiled_kernels_are_cached_on_disk(compiled, monkeypatch, tmp_path):
     monkeypatch.setenv("HEDGEROW_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(kc, "_compiled", {})

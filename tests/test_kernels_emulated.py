@@ -50,6 +50,7 @@ def brute_force_attention(q, k_cache, v_cache, slots, prefix_lens, num_nodes, ma
     return out
 
 
+@pytest.mark.unit
 def test_reference_matches_brute_force_softmax():
     p = make_problem(hq=6, hkv=2, d=64, prefix=(11, 0, 25), nodes=(6, 4, 1), n_max=7)
     scale = 0.17
@@ -106,6 +107,7 @@ def emulator(tmp_path_factory):
     return launch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype_name", ["f32", "bf16", "f16"])
 def test_emulated_tree_attention_matches_reference(emulator, dtype_name, d):
@@ -125,6 +127,7 @@ def test_emulated_tree_attention_matches_reference(emulator, dtype_name, d):
         assert torch.all(out[b, n:] == 0), "padding rows must be zeros"
 
 
+@pytest.mark.slow
 def test_emulated_tree_attention_edge_cases(emulator):
     # A prefix longer than the host bound (the last split must run to L), a tree wider than one
     # 32-key tile (two mask words), a sequence with no nodes, contiguous q, explicit scale.
@@ -145,6 +148,7 @@ def test_emulated_tree_attention_edge_cases(emulator):
     assert torch.all(got[2] == 0) and torch.all(got[1, 5] == 0)
 
 
+@pytest.mark.slow
 def test_emulated_tree_attention_clamps_bad_indices(emulator):
     # The kernels never read or write out of bounds, whatever the index tensors hold: a node count
     # above Nmax is cut to Nmax; an invalid slot or a prefix reaching max_len gives zeros.
@@ -161,6 +165,7 @@ def test_emulated_tree_attention_clamps_bad_indices(emulator):
     assert torch.all(got[1:] == 0)
 
 
+@pytest.mark.slow
 def test_emulated_tree_attention_default_plan_and_mha(emulator):
     # Plain multi-head attention (G = 1), default split plan from max_len, int64 index tensors.
     p = make_problem(dtype=torch.bfloat16, d=128, hq=2, hkv=2, prefix=(5, 40), nodes=(3, 7), seed=3)

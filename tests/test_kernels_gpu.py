@@ -7,8 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hedgerow.drafting.spec import SpecMode, SpecParams
+from hedgerow.server.engine.config import EngineConfig
+from hedgerow.server.engine.engine import Engine
 from hedgerow.server.models import kernels
 from tests.kernel_problems import DTYPES, TOLERANCE, call_args, make_problem, reference64, rel_err
+from tests.tiny import EOS, PROMPTS, request, runner, tiny_model
 
 needs_kernels = pytest.mark.skipif(not kernels.is_available(), reason="needs a CUDA GPU and cuda-python")
 
@@ -69,21 +73,16 @@ def test_gpu_tree_attention_in_cuda_graph():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_greedy_output_is_unchanged_with_the_cuda_backend():
     """End to end: greedy chain and tree output with the kernels equals the reference backend's."""
-    from hedgerow.server.engine.engine import Engine, EngineConfig
-    from hedgerow.server.engine.runner import ModelRunner
-    from hedgerow.server.engine.sequence import SpecMode, SpecParams
-    from tests.tiny import EOS, request, tiny_model
-
     target = tiny_model("llama", seed=0, hidden=256, dtype=torch.float32).cuda()
     draft = tiny_model("llama", seed=1, layers=1, hidden=256, dtype=torch.float32).cuda()  # head dim 64
-    prompts = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40]]
     outs = {}
     for backend in ("reference", "cuda"):
-        runners = [ModelRunner(m, num_slots=4, max_len=128, backend=backend) for m in (target, draft)]
+        runners = [runner(m, slots=4, max_len=128, name=name, backend=backend)
+                   for m, name in ((target, "target"), (draft, "draft"))]
         for mode in (SpecMode.CHAIN, SpecMode.TREE):
             engine = Engine(*runners, eos_token_ids=[EOS], config=EngineConfig(
                 max_model_len=128, max_batch_size=4, adaptive="none", spec=SpecParams(mode=mode)))
-            res = engine.generate(request(str(i), p, 24) for i, p in enumerate(prompts))
-            outs[backend, mode] = [res[str(i)].generated for i in range(len(prompts))]
+            res = engine.generate(request(str(i), p, 24) for i, p in enumerate(PROMPTS))
+            outs[backend, mode] = [res[str(i)].generated for i in range(len(PROMPTS))]
     for mode in (SpecMode.CHAIN, SpecMode.TREE):
         assert outs["cuda", mode] == outs["reference", mode]

@@ -13,29 +13,25 @@ The Prometheus tests skip when the binaries are absent (``apt-get install -y pro
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import grpc
 import pytest
 import yaml
 
-from hedgerow.server.service.grpc_service import ServiceConfig, start_server
-from hedgerow.server.models.loader import load_tokenizer
-from hedgerow.server.service.metrics import Metrics
 from hedgerow.server.rpc import generation_pb2 as pb
-from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
-from tests.tiny import make_engine, perturbed_copy, tiny_model
+from hedgerow.server.service.grpc_service import ServiceConfig
+from hedgerow.server.service.metrics import Metrics
+from tests.live import LiveServer
+from tests.tiny import PROMPTS, nudged_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "monitoring" / "grafana" / "hedgerow-dashboard.json"
@@ -76,6 +72,7 @@ def exported_names() -> set[str]:
 
 
 # --- static checks -------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_dashboard_is_well_formed_and_uses_exported_metrics():
     dash = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in dash["panels"]]
@@ -102,6 +99,7 @@ def test_dashboard_is_well_formed_and_uses_exported_metrics():
         assert name in exported, f"{name} is not a metric server/service/metrics.py exports"
 
 
+@pytest.mark.live
 @needs_prometheus
 def test_promtool_checks_the_config_and_rules():
     for args in (["check", "config", str(PROMETHEUS_YML)], ["check", "rules", str(RULES)]):
@@ -163,6 +161,7 @@ tests:
 """
 
 
+@pytest.mark.live
 @needs_prometheus
 def test_promtool_unit_tests_the_rules(tmp_path):
     """Synthetic counters with known rates: 30 accepted per 40 drafted is 0.75, and so on."""
@@ -179,48 +178,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Served:
-    """The gRPC server on its own event-loop thread, with /metrics over HTTP on a free port."""
-
-    def __init__(self, tokenizer):
-        # a draft close to the target accepts about half its tokens; branch overlap fills the
-        # branch counters; a fixed draft length keeps every speculative step speculating
-        engine = make_engine(tiny_model("llama", seed=0), perturbed_copy(tiny_model("llama", seed=0)),
-                             gamma=4, adaptive="none", overlap="branch")
-        self.metrics = Metrics()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(
-            start_server(engine, tokenizer, port=0, config=ServiceConfig(target_name="tiny"), metrics=self.metrics),
-            self.loop).result(60)
-        self.http = self.metrics.serve(0, "127.0.0.1")
-        self.metrics_port = self.http.server_port
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
-        self.stub = pb_grpc.GenerationStub(self.channel)
-
-    def traffic(self):
-        """Greedy and speculative requests (chain, tree, plain decoding, seeded sampling) at once."""
-        reqs = []
-        for i, prompt in enumerate(([5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9], [40])):
-            for mode in (pb.SPECULATION_MODE_CHAIN, pb.SPECULATION_MODE_TREE, pb.SPECULATION_MODE_PLAIN):
-                msg = pb.GenerateRequest(prompt_token_ids=prompt, stopping=pb.StoppingCriteria(max_new_tokens=24))
-                msg.speculation.mode = mode
-                reqs.append(msg)
-            sampled = pb.GenerateRequest(prompt_token_ids=prompt, stopping=pb.StoppingCriteria(max_new_tokens=16),
-                                         sampling=pb.SamplingParams(temperature=0.8, top_p=0.9, seed=i))
-            reqs.append(sampled)
-        futures = [self.stub.Generate.future(r, timeout=120) for r in reqs]
-        outs = [f.result() for f in futures]
-        assert sum(o.stats.draft_tokens for o in outs) > 0 and sum(o.stats.accepted_tokens for o in outs) > 0
-
-    def close(self):
-        self.channel.close()
-        self.http.shutdown()
-        self.http.server_close()
-        asyncio.run_coroutine_threadsafe(self.server.stop(None), self.loop).result(60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+def traffic(server: LiveServer) -> None:
+    """Greedy and speculative requests (chain, tree, plain decoding, seeded sampling) at once."""
+    reqs = []
+    for i, prompt in enumerate(PROMPTS):
+        for mode in (pb.SPECULATION_MODE_CHAIN, pb.SPECULATION_MODE_TREE, pb.SPECULATION_MODE_PLAIN):
+            msg = pb.GenerateRequest(prompt_token_ids=prompt, stopping=pb.StoppingCriteria(max_new_tokens=24))
+            msg.speculation.mode = mode
+            reqs.append(msg)
+        sampled = pb.GenerateRequest(prompt_token_ids=prompt, stopping=pb.StoppingCriteria(max_new_tokens=16),
+                                     sampling=pb.SamplingParams(temperature=0.8, top_p=0.9, seed=i))
+        reqs.append(sampled)
+    futures = [server.stub.Generate.future(r, timeout=120) for r in reqs]
+    outs = [f.result() for f in futures]
+    assert sum(o.stats.draft_tokens for o in outs) > 0 and sum(o.stats.accepted_tokens for o in outs) > 0
 
 
 class Prometheus:
@@ -288,34 +259,31 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_folders):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; OpenMP spinning on a busy machine only slows them down
-    s = Served(load_tokenizer(str(tiny_folders["target"]), "target"))
-    yield s
-    s.close()
-    torch.set_num_threads(threads)
+def served(tiny_tokenizer):
+    """The live server: a draft close to the target accepts about half its tokens; branch overlap
+    fills the branch counters; a fixed draft length keeps every speculative step speculating."""
+    with LiveServer(nudged_engine(overlap="branch"), tiny_tokenizer, config=ServiceConfig(target_name="tiny")) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def prometheus(served, tmp_path_factory):
     if PROMETHEUS is None or PROMTOOL is None:
         pytest.skip("prometheus/promtool not installed (Debian: apt-get install -y prometheus)")
-    p = Prometheus(tmp_path_factory.mktemp("prometheus"), served.metrics_port)
+    p = Prometheus(tmp_path_factory.mktemp("prometheus"), served.serve_metrics())
     yield p
     p.close()
 
 
+@pytest.mark.slow
 @needs_prometheus
 def test_every_dashboard_query_and_recording_rule_returns_data(served, prometheus):
     up = 'up{job="hedgerow"} == 1'
     prometheus.wait(lambda: prometheus.query(up), "the server was never scraped")
     # two bursts of traffic a few scrapes apart, so every counter (labelled ones too) has a rate
-    served.traffic()
+    traffic(served)
     time.sleep(2.5)
-    served.traffic()
+    traffic(served)
 
     queries = dashboard_queries() + [(f"recording rule {r}", r) for r in recording_rules()]
 

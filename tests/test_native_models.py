@@ -134,6 +134,7 @@ def hf_logits(hf, tokens) -> torch.Tensor:
         return hf(torch.tensor([tokens])).logits[0].float()
 
 
+@pytest.mark.engine
 def test_prefill_then_decode(pair):
     hf, model = pair
     torch.manual_seed(1)
@@ -147,6 +148,7 @@ def test_prefill_then_decode(pair):
         torch.testing.assert_close(step[0], ref[t], **TOL)
 
 
+@pytest.mark.engine
 def test_ragged_batch(pair):
     hf, model = pair
     torch.manual_seed(2)
@@ -161,6 +163,7 @@ def test_ragged_batch(pair):
         torch.testing.assert_close(s[0], ref[-1], **TOL)
 
 
+@pytest.mark.engine
 def test_token_tree(pair):
     """A batch of two trees after ragged prompts; siblings share a position."""
     hf, model = pair
@@ -182,6 +185,7 @@ def test_token_tree(pair):
             torch.testing.assert_close(logits[i], hf_logits(hf, prompt + path)[-1], **TOL)
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_embedded_pair(dtype):
     torch.manual_seed(4)
@@ -196,6 +200,7 @@ def test_embedded_pair(dtype):
         assert torch.equal(out.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen3-tied-mqa-bias"])
 def test_compiles_fullgraph(family, tmp_path):
     """fullgraph=True fails on any graph break. Backend aot_eager: dynamo's capture plus AOT
@@ -220,6 +225,7 @@ def test_compiles_fullgraph(family, tmp_path):
             torch.testing.assert_close(g, e, **TOL)
 
 
+@pytest.mark.engine
 def test_sharded_checkpoint(tmp_path):
     hf = tiny_hf("qwen3")
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
@@ -230,6 +236,7 @@ def test_sharded_checkpoint(tmp_path):
     torch.testing.assert_close(out, hf_logits(hf, prompt), **TOL)
 
 
+@pytest.mark.engine
 def test_hub_id_from_the_offline_cache(tmp_path, monkeypatch):
     """A hub id resolves through huggingface_hub's cache (HF_HUB_OFFLINE=1 in conftest)."""
     import huggingface_hub.constants
@@ -248,6 +255,7 @@ def test_hub_id_from_the_offline_cache(tmp_path, monkeypatch):
         load_native("someone/not-cached", device="cpu", dtype=torch.float32)
 
 
+@pytest.mark.engine
 def test_checkpoint_mismatch_names_the_tensor(tmp_path):
     tiny_hf("llama-gqa").save_pretrained(tmp_path)
     file = tmp_path / "model.safetensors"
@@ -263,6 +271,7 @@ def test_checkpoint_mismatch_names_the_tensor(tmp_path):
         load_native(str(tmp_path), device="cpu", dtype=torch.float32)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "config, reason",
     [
@@ -281,6 +290,7 @@ def test_refuses_what_it_cannot_run_exactly(config, reason):
         native_config(config)
 
 
+@pytest.mark.unit
 def test_accepts_llama3_config():
     config = native_config(LlamaConfig(rope_scaling=LLAMA3_ROPE, head_dim=16))
     assert config.rope_scaling.kind == "llama3" and config.rope_scaling.original_max_position_embeddings == 64

@@ -3,18 +3,18 @@
 import pytest
 
 from hedgerow.drafting.spec import SpecMode, SpecParams
-from tests.tiny import (PROMPTS, chi_square_check, exact_joint, hf_greedy, make_engine, perturbed_copy, request,
-                        tiny_model)
 from hedgerow.verify.sampling import SamplingParams
+from tests.tiny import (PROMPTS, VARIANTS, chi_square_check, exact_joint, hf_greedy, make_engine, perturbed_copy,
+                        request, tiny_model)
 
 
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def pair(request):
-    target = tiny_model(request.param, seed=0)
+@pytest.fixture(scope="module")
+def pair(arch):
+    target = tiny_model(arch, seed=0)
     return target, perturbed_copy(target, scale=0.02)
 
 
+@VARIANTS
 @pytest.mark.parametrize("overlap", ["pearl", "branch"])
 def test_greedy_output_equals_the_target_batch_4_and_1(pair, overlap, impl):
     target, draft = pair
@@ -29,6 +29,7 @@ def test_greedy_output_equals_the_target_batch_4_and_1(pair, overlap, impl):
     assert sum(s.stats.branches for s in out.values()) > 0
 
 
+@VARIANTS
 def test_draft_equal_to_target_hits_the_continuation_every_step(pair, impl):
     target, _ = pair
     seq = make_engine(target, target, overlap="pearl", gamma=3, impl=impl).generate(
@@ -38,6 +39,7 @@ def test_draft_equal_to_target_hits_the_continuation_every_step(pair, impl):
     assert seq.stats.acceptance_rate == 1.0 and seq.num_generated == 40
 
 
+@VARIANTS
 def test_branch_alternatives_hit_with_a_close_draft(pair, impl):
     target, draft = pair
     out = make_engine(target, draft, overlap="branch", gamma=4, impl=impl).generate(
@@ -46,6 +48,7 @@ def test_branch_alternatives_hit_with_a_close_draft(pair, impl):
     assert sum(s.stats.branch_hits for s in out.values()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", ["pearl", "branch"])
 def test_sampled_overlap_draws_from_the_target_distribution(overlap, impl):
     """Three sampled tokens per request, so tails kept after a hit are verified and counted."""

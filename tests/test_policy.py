@@ -1,5 +1,7 @@
 """Draft-size policies through their public interface: ``plan`` and ``observe`` on simulated steps
-(an injected cost model, step seconds the test decides), and losslessness under every policy."""
+(an injected cost model, step seconds the test decides), and losslessness under every policy, on
+engines whose time passes only in model passes (tiny.PassClock), so the cost policy decides the
+same on any machine."""
 
 import random
 
@@ -11,7 +13,7 @@ from hedgerow.drafting.costs import CostModel, LinearCost, batch_bucket
 from hedgerow.drafting.plan import Room, StepPlan, StepReport, StepSeconds
 from hedgerow.drafting.policy import HeuristicPolicy, make_policy
 from hedgerow.drafting.spec import SpecMode, SpecParams
-from tests.tiny import PROMPTS, hf_greedy, make_engine, request, tiny_model
+from tests.tiny import PROMPTS, PassClock, hf_greedy, make_engine, request, tiny_model
 
 ROOM = Room(depth=8, rows=64)
 
@@ -53,6 +55,7 @@ def observe(p, step_plan, seqs, *, accepted=None, emitted=None, seconds=0.01, dr
     ))
 
 
+@pytest.mark.unit
 def test_linear_cost_fit_recovers_a_line_and_online_moves_the_intercept():
     c = LinearCost()
     c.fit([(n, 0.003 + 0.0005 * n) for n in (1, 4, 16, 32)])
@@ -63,12 +66,14 @@ def test_linear_cost_fit_recovers_a_line_and_online_moves_the_intercept():
     assert c.b == pytest.approx(0.0005) and c(0) == pytest.approx(0.005, rel=1e-3)
 
 
+@pytest.mark.unit
 def test_calibration_fits_the_measured_passes():
     p = CostPolicy()
     p.calibrate(lambda model, n: (0.010 + 0.001 * n) if model == "target" else (0.002 + 0.0001 * n))
     assert p.costs.verify(10) == pytest.approx(0.020) and p.costs.draft(10) == pytest.approx(0.003)
 
 
+@pytest.mark.unit
 def test_acceptance_stats_expected_tokens():
     s = AcceptanceStats(4, prior=0.5)
     assert s.expected_prefix(2) == pytest.approx([1.0, 1.5, 1.75])
@@ -77,19 +82,23 @@ def test_acceptance_stats_expected_tokens():
     assert s.hits[0] > 0.99 and s.hits[1] < 0.01
 
 
+@pytest.mark.unit
 def test_cost_policy_speculates_with_a_good_cheap_draft():
     assert plan(cost_policy(alpha=0.8), [Seq()]).sizes[0] >= 3
 
 
+@pytest.mark.unit
 def test_cost_policy_falls_to_plain_decoding_with_a_useless_draft():
     assert plan(cost_policy(alpha=0.02), [Seq()]).sizes == [0]
 
 
+@pytest.mark.unit
 def test_cost_policy_falls_to_plain_decoding_when_verify_is_expensive():
     # a verify pass whose cost grows steeply with its tokens (compute-bound): extra tokens never pay
     assert plan(cost_policy(alpha=0.6, verify=(0.010, 0.010)), [Seq()]).sizes == [0]
 
 
+@pytest.mark.unit
 def test_cost_policy_drafts_less_as_the_batch_grows():
     p = cost_policy(alpha=0.7, verify=(0.010, 0.0008))
     g1 = plan(p, [Seq()]).sizes[0]
@@ -97,6 +106,7 @@ def test_cost_policy_drafts_less_as_the_batch_grows():
     assert max(g32) < g1
 
 
+@pytest.mark.unit
 def test_cost_policy_respects_limits_and_probes_rarely():
     p = cost_policy(alpha=0.02, probe_every=4)
     s = Seq()
@@ -105,6 +115,7 @@ def test_cost_policy_respects_limits_and_probes_rarely():
     assert plan(cost_policy(alpha=0.9), [Seq()], Room(depth=2, rows=64)).sizes == [2]
 
 
+@pytest.mark.unit
 def test_keep_alive_probes_draft_one_sequence_at_a_time_in_turn():
     p = cost_policy(alpha=0.02, probe_every=4)  # nobody should draft
     seqs = [Seq() for _ in range(3)]
@@ -117,6 +128,7 @@ def test_keep_alive_probes_draft_one_sequence_at_a_time_in_turn():
     assert probed == [0, 1, 2]
 
 
+@pytest.mark.unit
 def test_heuristic_policy_grows_and_shrinks():
     p, s = HeuristicPolicy(), Seq(draft_tokens=4)
     room = Room(depth=16, rows=64)
@@ -129,6 +141,7 @@ def test_heuristic_policy_grows_and_shrinks():
     assert p.plan([s], [room]).sizes == [5]
 
 
+@pytest.mark.unit
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="adaptive"):
         make_policy("fastest")
@@ -139,26 +152,30 @@ def pair():
     return tiny_model("llama", seed=0), tiny_model("llama", seed=1, layers=1, hidden=32)
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("policy", ["heuristic", "confidence", "cost"])
 @pytest.mark.parametrize("mode", [SpecMode.CHAIN, SpecMode.TREE])
 def test_every_policy_keeps_greedy_output_equal_to_the_target(pair, policy, mode):
     target, draft = pair
     refs = [hf_greedy(target, p, 30) for p in PROMPTS]
     spec = SpecParams(mode=mode, draft_tokens=4, tree_budget=8, tree_depth=4, tree_topk=2)
-    engine = make_engine(target, draft, adaptive=policy)
+    engine = make_engine(target, draft, adaptive=policy, clock=PassClock())
     out = engine.generate(request(str(i), p, 30, spec=spec) for i, p in enumerate(PROMPTS))
     assert [out[str(i)].generated for i in range(len(PROMPTS))] == refs
-    solo = make_engine(target, draft, adaptive=policy, slots=1)
+    solo = make_engine(target, draft, adaptive=policy, slots=1, clock=PassClock())
     assert solo.generate([request("r", PROMPTS[2], 30, spec=spec)])["r"].generated == refs[2]
 
 
+@pytest.mark.engine
 def test_cost_policy_stops_speculating_with_a_random_draft(pair):
     target, draft = pair  # an unrelated random draft: almost nothing is accepted
-    engine = make_engine(target, draft, adaptive="cost")
+    # on PassClock's lines drafting pays at the policy's prior acceptance: it starts, then must stop
+    engine = make_engine(target, draft, adaptive="cost", clock=PassClock())
     seq = engine.generate([request("r", PROMPTS[0], 120, ignore_eos=True)])["r"]
     assert seq.stats.draft_tokens < 0.25 * seq.stats.verify_steps, seq.stats
 
 
+@pytest.mark.unit
 def test_cost_policy_finds_a_long_draft_past_a_losing_short_one():
     # a high fixed cost per speculative step and cheap extra tokens: 1 draft token loses to plain
     # decoding, 8 win; a one-token-at-a-time ascent would stop at 0
@@ -179,6 +196,7 @@ def tree_step(p, s, emitted_seconds):
     return on
 
 
+@pytest.mark.unit
 def test_cost_policy_for_trees_keeps_the_faster_arm_and_probes_the_other():
     p = cost_policy(alpha=0.5, probe_every=10)
     s = Seq(SpecMode.TREE)
@@ -192,6 +210,7 @@ def test_cost_policy_for_trees_keeps_the_faster_arm_and_probes_the_other():
     assert 2 <= sum(1 for r in runs if r) <= 5
 
 
+@pytest.mark.unit
 def test_cost_policy_for_trees_does_not_charge_the_switch_to_the_tree():
     # steady tree steps make 200 tokens/s against 150 for plain ones, but the step after every
     # switch costs 10x: counted as a tree sample it would make every probe look like a loss
@@ -207,6 +226,7 @@ def test_cost_policy_for_trees_does_not_charge_the_switch_to_the_tree():
     assert sum(plans[20:]) >= 0.9 * len(plans[20:])
 
 
+@pytest.mark.unit
 def test_rarely_drafted_positions_borrow_from_the_position_before():
     s = AcceptanceStats(8, prior=0.6)
     for _ in range(50):
@@ -224,6 +244,7 @@ def simulated_acceptance(rng, sizes, alpha):
     return [next((i for i in range(g) if rng.random() > alpha), g) for g in sizes]
 
 
+@pytest.mark.unit
 def test_a_sequence_that_stopped_drafting_comes_back_when_the_pair_accepts_well():
     p = cost_policy(alpha=0.85)
     rng = random.Random(0)
@@ -255,6 +276,7 @@ def run_chains(p, seqs, steps, cost_on, cost_off, alpha=0.8):
     return plans
 
 
+@pytest.mark.unit
 def test_cost_policy_for_chains_falls_to_plain_decoding_where_measured_steps_say_so():
     # the model is sure 4 draft tokens pay (cheap draft, high acceptance) but at 16 sequences the
     # machine's drafting steps take 3x what it predicts (plain ones what it predicts)
@@ -269,6 +291,7 @@ def test_cost_policy_for_chains_falls_to_plain_decoding_where_measured_steps_say
     assert plan(p, [Seq(draft_tokens=4)]).sizes[0] >= 3
 
 
+@pytest.mark.unit
 def test_cost_policy_for_chains_keeps_speculating_where_it_pays_and_measures_plain_steps_rarely():
     # drafting steps take 1.2x the prediction: speculation still pays at batch 1 with alpha 0.8
     p = cost_policy(alpha=0.8)
@@ -278,6 +301,7 @@ def test_cost_policy_for_chains_keeps_speculating_where_it_pays_and_measures_pla
     assert scale[True] == pytest.approx(1.2, rel=0.01) and scale[False] == pytest.approx(1.0, rel=0.01)
 
 
+@pytest.mark.unit
 def test_batch_buckets_keep_a_serving_batch_in_one_bucket():
     assert len({batch_bucket(n) for n in range(12, 23)}) == 1  # 16 clients: 14-16 running
     assert len({batch_bucket(n) for n in (3, 4, 5)}) == 1

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible proxy's answers, live (the setup is proxy_harness.py's).
+"""The OpenAI-compatible proxy's answers, live (conftest's ``backend``, ``proxy``, ``client``, ``model``).
 
 Checked against references: the proxy's text is the gRPC server's own; streamed text equals unary
 text under greedy; speculation settings leave greedy output unchanged; chat output is the completion
@@ -13,12 +13,26 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-openai = pytest.importorskip("openai", reason="the proxy tests drive the official client: pip install openai")
+from hedgerow.server.rpc import generation_pb2 as pb
+from tests.live import TEXT_PROMPTS, LiveProxy
 
-from hedgerow.server.proxy.config import ProxyConfig  # noqa: E402
-from hedgerow.server.rpc import generation_pb2 as pb  # noqa: E402
-from tests.proxy_harness import (  # noqa: E402, F401 (fixtures)
-    PROMPTS, ProxyHarness, backend, chat_tokenizer, client, model, one_torch_thread, proxy)
+openai = pytest.importorskip("openai", reason="the proxy tests drive the official client: pip install openai")
+pytestmark = pytest.mark.live
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tiny_folders, tmp_path_factory):
+    """A copy of the tiny tokenizer with a chat template."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat-tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(tiny_folders["target"]))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
 
 
 def grpc_text(backend, prompt, n) -> pb.GenerateResponse:
@@ -54,7 +68,7 @@ def test_models_lists_the_served_model(client, model, tiny_folders):
 
 # --- completions ---------------------------------------------------------------------------------
 def test_completions_unary_and_stream_are_the_servers_greedy_output(backend, client, model):
-    for prompt in PROMPTS:
+    for prompt in TEXT_PROMPTS:
         ref = grpc_text(backend, prompt, 24)
         unary = client.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0)
         choice = unary.choices[0]
@@ -80,7 +94,7 @@ def test_completions_unary_and_stream_are_the_servers_greedy_output(backend, cli
 
 
 def test_stream_without_usage_ends_with_done(proxy, model):
-    body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 8, "stream": True}
+    body = {"model": model, "prompt": TEXT_PROMPTS[0], "max_tokens": 8, "stream": True}
     with httpx.stream("POST", proxy.url + "/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
@@ -90,33 +104,33 @@ def test_stream_without_usage_ends_with_done(proxy, model):
 
 
 def test_token_id_prompts_and_batches_of_one(backend, client, model):
-    ids = backend.tokenizer.encode(PROMPTS[1])
-    want = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=12).choices[0].text
+    ids = backend.tokenizer.encode(TEXT_PROMPTS[1])
+    want = client.completions.create(model=model, prompt=TEXT_PROMPTS[1], max_tokens=12).choices[0].text
     assert client.completions.create(model=model, prompt=ids, max_tokens=12).choices[0].text == want
     assert client.completions.create(model=model, prompt=[ids], max_tokens=12).choices[0].text == want
-    assert client.completions.create(model=model, prompt=[PROMPTS[1]], max_tokens=12).choices[0].text == want
+    assert client.completions.create(model=model, prompt=[TEXT_PROMPTS[1]], max_tokens=12).choices[0].text == want
 
 
 def test_stop_strings_and_finish_reasons(client, model):
-    full = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=40,
+    full = client.completions.create(model=model, prompt=TEXT_PROMPTS[0], max_tokens=40,
                                      extra_body={"ignore_eos": True}).choices[0]
     assert full.finish_reason == "length" and len(full.text) > 10
     stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
     want = full.text[: full.text.find(stop)]
     for stops in (stop, ["never \x00", stop]):
-        cut = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=40, stop=stops,
+        cut = client.completions.create(model=model, prompt=TEXT_PROMPTS[0], max_tokens=40, stop=stops,
                                         extra_body={"ignore_eos": True}).choices[0]
         assert (cut.text, cut.finish_reason) == (want, "stop")
-        text, chunks = stream_text(client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=40,
+        text, chunks = stream_text(client.completions.create(model=model, prompt=TEXT_PROMPTS[0], max_tokens=40,
                                                              stop=stops, stream=True, extra_body={"ignore_eos": True}))
         assert text == want and chunks[-1].choices[0].finish_reason == "stop"
-    short = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=3, extra_body={"ignore_eos": True})
+    short = client.completions.create(model=model, prompt=TEXT_PROMPTS[0], max_tokens=3, extra_body={"ignore_eos": True})
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
 
 
 def test_speculation_settings_keep_greedy_output(client, model):
     def run(speculation):
-        out = client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=24,
+        out = client.completions.create(model=model, prompt=TEXT_PROMPTS[2], max_tokens=24,
                                         extra_body={"hedgerow": {"speculation": speculation}})
         return out.choices[0].text, out.model_dump()["hedgerow"]
 
@@ -130,7 +144,7 @@ def test_speculation_settings_keep_greedy_output(client, model):
 
 
 def test_seeded_sampling_is_reproducible(client, model):
-    kw = dict(model=model, prompt=PROMPTS[0], max_tokens=16, temperature=0.9, top_p=0.95, seed=7,
+    kw = dict(model=model, prompt=TEXT_PROMPTS[0], max_tokens=16, temperature=0.9, top_p=0.95, seed=7,
               extra_body={"top_k": 50})
     first = client.completions.create(**kw).choices[0].text
     assert client.completions.create(**kw).choices[0].text == first
@@ -138,17 +152,16 @@ def test_seeded_sampling_is_reproducible(client, model):
 
 
 def test_concurrent_requests_get_their_own_output(client, model):
-    want = {p: client.completions.create(model=model, prompt=p, max_tokens=16).choices[0].text for p in PROMPTS}
+    want = {p: client.completions.create(model=model, prompt=p, max_tokens=16).choices[0].text for p in TEXT_PROMPTS}
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda i: client.completions.create(
-            model=model, prompt=PROMPTS[i % 3], max_tokens=16).choices[0].text, range(9)))
-    assert got == [want[PROMPTS[i % 3]] for i in range(9)]
+            model=model, prompt=TEXT_PROMPTS[i % 3], max_tokens=16).choices[0].text, range(9)))
+    assert got == [want[TEXT_PROMPTS[i % 3]] for i in range(9)]
 
 
 # --- chat ----------------------------------------------------------------------------------------
 def test_chat_with_a_template(backend, chat_tokenizer, model):
-    p = ProxyHarness(ProxyConfig(grpc_target=backend.address, tokenizer=str(chat_tokenizer)))
-    try:
+    with LiveProxy(backend.address, tokenizer=str(chat_tokenizer)) as p:
         client = p.client()
         messages = [{"role": "developer", "content": "Write Python."},
                     {"role": "user", "content": [{"type": "text", "text": "def "}, {"type": "text", "text": "add"}]}]
@@ -170,5 +183,3 @@ def test_chat_with_a_template(backend, chat_tokenizer, model):
         with pytest.raises(openai.BadRequestError) as err:  # a second, different length limit
             client.chat.completions.create(model=model, messages=messages, max_tokens=5, max_completion_tokens=6)
         assert err.value.body["param"] == "max_completion_tokens"
-    finally:
-        p.close()

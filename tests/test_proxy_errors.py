@@ -1,4 +1,4 @@
-"""The OpenAI-compatible proxy's refusals, live (the setup is proxy_harness.py's).
+"""The OpenAI-compatible proxy's refusals, live (conftest's ``backend``, ``proxy``, ``client``, ``model``).
 
 Refusals: bad parameters (400, naming the parameter), wrong key (401), server down (503, also
 through ``hedgerow proxy`` as a process), deadline (504), a model without a chat template (400). A
@@ -16,16 +16,15 @@ import grpc
 import httpx
 import pytest
 
-openai = pytest.importorskip("openai", reason="the proxy tests drive the official client: pip install openai")
+from hedgerow.server.proxy.backend import grpc_error
+from hedgerow.server.proxy.cli import listen
+from tests.live import TEXT_PROMPTS, LiveProxy
 
-from hedgerow.server.proxy.backend import grpc_error  # noqa: E402
-from hedgerow.server.proxy.cli import listen  # noqa: E402
-from hedgerow.server.proxy.config import ProxyConfig  # noqa: E402
-from tests.proxy_harness import (  # noqa: E402, F401 (fixtures)
-    PROMPTS, ProxyHarness, backend, client, model, one_torch_thread, proxy)
+openai = pytest.importorskip("openai", reason="the proxy tests drive the official client: pip install openai")
 
 
 # --- refusals ------------------------------------------------------------------------------------
+@pytest.mark.live
 def test_chat_needs_a_chat_template(client, model):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
@@ -82,6 +81,7 @@ CHAT_BAD = {
 }
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("case", list(COMPLETION_BAD))
 def test_bad_completion_parameters_are_400(proxy, model, case):
     edit, param = COMPLETION_BAD[case]
@@ -94,6 +94,7 @@ def test_bad_completion_parameters_are_400(proxy, model, case):
         assert error["message"] and set(error) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("case", list(CHAT_BAD))
 def test_bad_chat_parameters_are_400(proxy, model, case):
     edit, param = CHAT_BAD[case]
@@ -103,6 +104,7 @@ def test_bad_chat_parameters_are_400(proxy, model, case):
     assert r.json()["error"]["param"] == param, r.json()
 
 
+@pytest.mark.live
 def test_the_client_sees_refusals_as_bad_request(proxy, client, model):
     bad_mode = {"extra_body": {"hedgerow": {"speculation": {"mode": "x"}}}}
     for kw in ({"n": 2}, {"temperature": -1}, {"logprobs": 1}, bad_mode):
@@ -113,9 +115,9 @@ def test_the_client_sees_refusals_as_bad_request(proxy, client, model):
         assert r.status_code == 400 and r.json()["error"]["message"], r.text
 
 
+@pytest.mark.live
 def test_a_wrong_key_is_401(backend, model):
-    p = ProxyHarness(ProxyConfig(grpc_target=backend.address, api_key="sesame"))
-    try:
+    with LiveProxy(backend.address, api_key="sesame") as p:
         for key in ("wrong", "sesame-and-more"):
             with pytest.raises(openai.AuthenticationError) as err:
                 p.client(key).completions.create(model=model, prompt="x", max_tokens=2)
@@ -125,27 +127,26 @@ def test_a_wrong_key_is_401(backend, model):
         assert httpx.get(p.url + "/v1/models", timeout=10).status_code == 401  # no key at all
         assert p.client("sesame").completions.create(model=model, prompt="x", max_tokens=2).usage.completion_tokens
         assert httpx.get(p.url + "/health", timeout=10).json() == {"status": "ok"}  # health needs no key
-    finally:
-        p.close()
 
 
+@pytest.mark.live
 def test_a_deadline_is_504(backend, model):
-    p = ProxyHarness(ProxyConfig(grpc_target=backend.address, request_timeout=0.3))
     backend.delay = 0.05
     try:
-        for stream in (False, True):
-            r = p.post("/v1/completions", {"model": model, "prompt": "x", "max_tokens": 100, "ignore_eos": True,
-                                           "stream": stream})
-            if stream and r.status_code == 200:  # the deadline passed after the first message
-                assert '"code":"deadline_exceeded"' in r.text and r.text.endswith("data: [DONE]\n\n")
-            else:
-                assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+        with LiveProxy(backend.address, request_timeout=0.3) as p:
+            for stream in (False, True):
+                r = p.post("/v1/completions", {"model": model, "prompt": "x", "max_tokens": 100, "ignore_eos": True,
+                                               "stream": stream})
+                if stream and r.status_code == 200:  # the deadline passed after the first message
+                    assert '"code":"deadline_exceeded"' in r.text and r.text.endswith("data: [DONE]\n\n")
+                else:
+                    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
     finally:
         backend.delay = 0.0
-        p.close()
-    backend.wait_until(lambda: backend.busy() == (0, 0, 0), "slots freed after the deadline")
+    backend.wait_idle()
 
 
+@pytest.mark.unit
 def test_grpc_status_codes_map_to_http():
     class Failed(grpc.aio.AioRpcError):
         def __init__(self, code, details):
@@ -177,6 +178,7 @@ def _closed_port() -> int:
     return port
 
 
+@pytest.mark.live
 def test_server_down_is_503_through_hedgerow_proxy(tiny_folders):
     """``hedgerow proxy`` as its own process (add_arguments/run, as the CLI wires them), pointed at a
     closed port: it starts, answers 503 in OpenAI's error JSON, and exits 0 on SIGTERM."""
@@ -207,27 +209,33 @@ def test_server_down_is_503_through_hedgerow_proxy(tiny_folders):
             proc.wait()
 
 
+def cancelled(server) -> float:
+    return server.sample("hedgerow_requests_total", status="cancelled")
+
+
+@pytest.mark.live
 def test_a_client_that_leaves_frees_the_kv_slot(backend, proxy, model):
     backend.delay = 0.03
     try:
-        before = backend.cancelled()
-        body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 100, "ignore_eos": True, "stream": True}
+        before = cancelled(backend)
+        body = {"model": model, "prompt": TEXT_PROMPTS[0], "max_tokens": 100, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", proxy.url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             assert next(line for line in lines if line).startswith("data: ")
-            assert backend.busy()[0] == 1  # generating
-        backend.wait_until(lambda: backend.busy() == (0, 0, 0) and backend.cancelled() == before + 1,
+            assert backend.engine_state()[0] == 1  # generating
+        backend.wait_until(lambda: backend.engine_state() == (0, 0, 0, 0) and cancelled(backend) == before + 1,
                            "slot freed after the client left")
 
-        before = backend.cancelled()
+        before = cancelled(backend)
         with pytest.raises(httpx.ReadTimeout):  # a unary request whose client gives up
             httpx.post(proxy.url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
-        backend.wait_until(lambda: backend.busy() == (0, 0, 0) and backend.cancelled() == before + 1,
+        backend.wait_until(lambda: backend.engine_state() == (0, 0, 0, 0) and cancelled(backend) == before + 1,
                            "slot freed after the client left")
     finally:
         backend.delay = 0.0
 
 
+@pytest.mark.unit
 def test_hedgerow_proxy_is_a_cli_subcommand(capsys):
     from hedgerow.server.cli import main
 

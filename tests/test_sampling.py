@@ -5,6 +5,8 @@ import torch
 
 from hedgerow.verify.sampling import SamplingParams, sample, warp_probs
 
+pytestmark = pytest.mark.unit
+
 
 def reference_warp(logits: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor:
     """Plain-Python statement of the documented rule, one row."""

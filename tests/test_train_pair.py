@@ -48,6 +48,7 @@ def _args(tmp: Path, corpus: Path, *extra: str):
     ])
 
 
+@pytest.mark.unit
 def test_corpus_excludes_tests_and_split_is_deterministic(tmp_path):
     corpus = _tiny_corpus(tmp_path)
     train, held, stats = collect_corpus(corpus, heldout_percent=20.0)
@@ -59,6 +60,7 @@ def test_corpus_excludes_tests_and_split_is_deterministic(tmp_path):
     assert stats["files_train"] + stats["files_heldout"] == len(CORPUS_FILES)
 
 
+@pytest.mark.slow
 def test_train_pair_end_to_end_with_resume(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,6 +109,7 @@ def test_train_pair_end_to_end_with_resume(tmp_path, monkeypatch):
     assert run(_args(tmp_path, corpus)) == 0
 
 
+@pytest.mark.slow
 def test_target_from_trains_only_a_draft_on_the_targets_greedy_rows(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -144,6 +147,7 @@ def test_target_from_trains_only_a_draft_on_the_targets_greedy_rows(tmp_path):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(parts, again))  # a resumed run draws the same rows
 
 
+@pytest.mark.engine
 def test_speculation_simulation_self_draft_accepts_everything(tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -167,6 +171,7 @@ shipped = pytest.mark.skipif(not (EMBEDDED / "target" / "model.safetensors").exi
                              reason="embedded pair not trained yet")
 
 
+@pytest.mark.engine
 @shipped
 def test_shipped_pair_loads_offline_and_shares_tokenizer(monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -204,6 +209,7 @@ def test_shipped_pair_loads_offline_and_shares_tokenizer(monkeypatch):
     assert torch.isfinite(lt).all() and torch.isfinite(ld).all()
 
 
+@pytest.mark.slow
 @shipped
 def test_shipped_draft_is_accepted_at_the_model_cards_rate():
     """The bar (>= 0.6 greedy acceptance with 4 draft tokens on HumanEval prompts), on the first 5

@@ -4,21 +4,16 @@ sampled trees (and chains) draw from the target's distribution, end to end throu
 import pytest
 import torch
 
-from hedgerow.drafting.tree import static_shape
 from hedgerow.drafting.spec import SpecMode, SpecParams
-from tests.tiny import (PROMPTS, chi_square_check, exact_joint, hf_greedy, last_logits, make_engine, perturbed_copy, request, runner,
-                        tiny_model)
+from hedgerow.drafting.tree import static_shape
 from hedgerow.verify.flatten import flatten
 from hedgerow.verify.sampling import SamplingParams
 from hedgerow.verify.tree import DraftTree
+from tests.tiny import (PROMPTS, VARIANTS, chi_square_check, exact_joint, hf_greedy, last_logits, make_engine,
+                        perturbed_copy, request, runner, tiny_model)
 
 DYNAMIC = SpecParams(mode=SpecMode.TREE, tree_budget=12, tree_depth=4, tree_topk=3)
 STATIC = SpecParams(mode=SpecMode.TREE, tree_budget=10, tree_depth=4, tree_topk=3, tree_static=True)
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def arch(request):
-    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +21,7 @@ def pair(arch):
     return tiny_model(arch, seed=0), tiny_model(arch, seed=1, layers=1, hidden=32)
 
 
+@VARIANTS
 def test_tree_pass_equals_each_root_to_node_path(arch, impl):
     target = tiny_model(arch, seed=0, dtype=torch.float32)
     run = runner(target, slots=3, max_len=64, impl=impl)
@@ -49,6 +45,7 @@ def test_tree_pass_equals_each_root_to_node_path(arch, impl):
             assert err < 1e-4, f"sequence {b} node {i}: max abs diff {err}"
 
 
+@VARIANTS
 @pytest.mark.parametrize("spec", [DYNAMIC, STATIC], ids=["dynamic", "static"])
 def test_greedy_tree_equals_target_generate(pair, spec, impl):
     target, draft = pair
@@ -60,6 +57,7 @@ def test_greedy_tree_equals_target_generate(pair, spec, impl):
         assert solo.generate([request("r", p, 30, spec=spec)])["r"].generated == refs[i]
 
 
+@VARIANTS
 def test_draft_equal_to_target_tree_accepts_the_full_depth(pair, impl):
     target, _ = pair
     spec = SpecParams(mode=SpecMode.TREE, tree_budget=8, tree_depth=3, tree_topk=2, tree_static=True)
@@ -67,6 +65,7 @@ def test_draft_equal_to_target_tree_accepts_the_full_depth(pair, impl):
     assert seq.stats.emitted_per_step[4] == 10  # the top-1 path is the target's own: depth 3 + bonus, every step
 
 
+@pytest.mark.unit
 def test_static_shape_is_closed_under_ancestors_and_lower_siblings():
     paths = static_shape(12, 4, 3)
     assert len(paths) == 12 and len(set(paths)) == 12
@@ -79,6 +78,7 @@ def test_static_shape_is_closed_under_ancestors_and_lower_siblings():
 
 
 # --- sampling, end to end -------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode,spec",
     [

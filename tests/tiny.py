@@ -1,11 +1,13 @@
-"""Tiny random models built from configs (no downloads) for engine and server tests."""
+"""Tiny random models built from configs (no downloads) for engine and server tests, the engine
+tests' variants and their tiers, and a clock for engines whose decisions depend on time."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-from contextlib import contextmanager
 
 from hedgerow.drafting.spec import SpecMode, SpecParams
 from hedgerow.server.engine.config import EngineConfig
@@ -57,22 +59,68 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return gen[: gen.index(EOS) + 1] if EOS in gen else gen
 
 
+ARCHS = ("llama", "qwen2")
 IMPLS = ("transformers", "native")
+# Engine tests run on every (model family, implementation): ``arch`` is a plain argument that a module's
+# ``pair`` fixture can take, ``impl`` goes through conftest's fixture. The llama pair on Hedgerow's
+# native models is in the engine tier, the other three variants are slow: ``-m "unit or engine"``
+# runs every engine test once.
+VARIANTS = pytest.mark.parametrize(
+    ("arch", "impl"),
+    [pytest.param(arch, impl, id=f"{arch}-{impl}",
+                  marks=pytest.mark.engine if (arch, impl) == ("llama", "native") else pytest.mark.slow)
+     for arch in ARCHS for impl in IMPLS],
+    indirect=["impl"], scope="module",
+)
 
 
-def runner(model, *, slots=8, max_len=256, name="model", impl="transformers") -> ModelRunner:
+def runner(model, *, slots=8, max_len=256, name="model", impl="transformers", **kw) -> ModelRunner:
     """A runner over a transformers model built from a config, driven through transformers'
-    modules or through the native twin of its weights."""
+    modules or through the native twin of its weights; ``kw``: the rest of ModelRunner's options."""
     driven = from_transformers(model, max_len) if impl == "native" else TransformersModel(model)
-    return ModelRunner(driven, num_slots=slots, max_len=max_len, name=name)
+    return ModelRunner(driven, num_slots=slots, max_len=max_len, name=name, **kw)
+
+
+class PassClock:
+    """An engine clock on which time passes only in model passes: a pass of n tokens (all rows
+    together) takes ``a + b * n`` seconds of its model's line, whatever the machine. Calibration fits
+    those lines exactly and every step measures what the cost model predicts, so an engine whose
+    policy reads the clock decides the same on any machine. ``charge`` the runners before the
+    engine is built (it calibrates on construction); engines that verify in a worker thread
+    (overlap modes) would make the order of charges, and so the readings, a race.
+
+    The default lines make a draft pass cost 40% of a target pass: drafting pays at the cost
+    policy's prior acceptance (0.6), not with a draft that keeps missing."""
+
+    def __init__(self, target=(0.005, 0.0001), draft=(0.002, 0.00005)):
+        self.lines = {"target": target, "draft": draft}
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def charge(self, runner: ModelRunner) -> None:
+        a, b = self.lines[runner.name]
+        forward = runner.forward
+
+        def timed(slots, flat):
+            self.now += a + b * int(flat.num_nodes.sum())
+            return forward(slots, flat)
+
+        runner.forward = timed
 
 
 def make_engine(target, draft=None, *, mode=SpecMode.CHAIN, gamma=4, slots=8, max_len=256, adaptive="none",
-                impl="transformers", **cfg) -> Engine:
+                impl="transformers", clock: PassClock | None = None, **cfg) -> Engine:
     t = runner(target, slots=slots, max_len=max_len, name="target", impl=impl)
     d = runner(draft, slots=slots, max_len=max_len, name="draft", impl=impl) if draft is not None else None
     config = EngineConfig(max_model_len=max_len, max_batch_size=slots, spec=SpecParams(mode=mode, draft_tokens=gamma), adaptive=adaptive, **cfg)
-    return Engine(t, d, eos_token_ids=[EOS], config=config)
+    timing = {}
+    if clock is not None:
+        for r in filter(None, (t, d)):
+            clock.charge(r)
+        timing["clock"] = clock
+    return Engine(t, d, eos_token_ids=[EOS], config=config, **timing)
 
 
 def request(rid, prompt, n=24, sampling=SamplingParams(), spec=None, **kw) -> Request:
@@ -89,6 +137,15 @@ def perturbed_copy(model, scale: float = 0.005, seed: int = 5):
         for w in draft.parameters():
             w.add_(torch.randn(w.shape, generator=g, dtype=w.dtype) * scale)
     return draft
+
+
+def nudged_engine(**kw) -> Engine:
+    """Fresh instances of the llama target and a draft nudged from it, which accepts about half its
+    drafts (a random draft accepts almost nothing and would leave acceptance counters untested),
+    drafting a fixed number of tokens (``adaptive="none"``), so counts are exact. Fresh, because
+    reference generation (hf_greedy) switches a model's attention implementation, which must never
+    happen under a running engine."""
+    return make_engine(tiny_model("llama", seed=0), perturbed_copy(tiny_model("llama", seed=0)), **kw)
 
 
 def last_logits(model, tokens: list[int]) -> torch.Tensor:
