@@ -51,21 +51,6 @@ def machine_info() -> dict:
     return info
 
 
-def add_threads_arg(g) -> None:
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
-def apply_threads(args) -> None:
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            from hedgerow.server.engine.errors import HedgerowError
-
-            raise HedgerowError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-
-
 def remember_parser(p: argparse.ArgumentParser, command: str) -> None:
     """Let ``command_line`` rebuild the command from parsed arguments (tests call ``run`` directly,
     so ``sys.argv`` is not the command)."""

@@ -6,8 +6,13 @@ Every figure is a ratio measured in one run: same machine, same models, same pro
     chain[@G]     Hedgerow, chain drafts of G tokens (default --draft-tokens)
     tree[@B]      Hedgerow, dynamic (EAGLE-2 style) trees of B nodes (default --tree-budget)
     tree-static[@B]  Hedgerow, a static top-k rank tree of B nodes
+    MODE:IMPL     a mode on the native models or transformers' modules (default: --model-impl)
     hf            transformers ``generate`` on the target
     hf-assisted   transformers ``generate(..., assistant_model=draft)``, its default schedule
+
+One engine is built per model implementation the contenders name, so a single run compares the
+native fast path with transformers' modules. After the warm-up, ``pass_times`` records each
+implementation's target and draft pass times (``sweep_model.pass_times``), interleaved.
 
 The contenders are in ``offline_contenders``, the interleaved runs in ``offline_interleave``,
 ``--profile`` in ``offline_profile``.
@@ -20,8 +25,6 @@ import dataclasses
 
 from hedgerow.bench import tables
 from hedgerow.bench.common import (
-    add_threads_arg,
-    apply_threads,
     csv,
     new_config,
     note_start,
@@ -29,10 +32,11 @@ from hedgerow.bench.common import (
     write_json,
 )
 from hedgerow.bench.offline_contenders import Runner, describe, parse_contenders
-from hedgerow.bench.offline_interleave import results, run_interleaved
+from hedgerow.bench.offline_engines import build_engines, engine_info, fast_path, implementation, measure_pass_times
+from hedgerow.bench.offline_interleave import results, run_interleaved, warm_up
 from hedgerow.bench.plots import command_plots
 from hedgerow.bench.prompts import load_prompts
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.errors import HedgerowError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,10 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0, help="sampling: prompt i of repeat r uses seed + r * N + i")
-    add_threads_arg(g)
     g = p.add_argument_group("contenders")
     g.add_argument("--modes", type=csv(str, "--modes"), default=["plain", "chain", "tree"],
-                   help="Hedgerow modes: plain, chain[@G], tree[@B], tree-static[@B] (default: plain,chain,tree)")
+                   help="Hedgerow modes: plain, chain[@G], tree[@B], tree-static[@B], each optionally :native or "
+                   ":transformers, the model code it runs on (default: plain,chain,tree on --model-impl)")
     g.add_argument("--baselines", type=csv(str, "--baselines"), default=["hf", "hf-assisted"],
                    help="hf, hf-assisted, or none (default: hf,hf-assisted)")
     # `hedgerow generate`'s speculation flags but --mode: --modes names the modes, the flags apply to each
@@ -61,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output", help="write the results JSON here")
     g.add_argument("--plots", help="write PNG plots into this folder")
+    g.add_argument("--pass-samples", type=int, default=20,
+                   help="timed passes per pass-time median, per implementation (default: 20; 0 = no pass times)")
     g.add_argument("--profile", action="store_true",
                    help="after the timed runs, profile the first prompt once per contender (cProfile + torch profiler)")
     remember_parser(p, "offline")
@@ -70,16 +76,9 @@ def check_args(args) -> None:
     for flag in ("num_prompts", "max_new_tokens", "repeats"):
         if getattr(args, flag) < 1:
             raise HedgerowError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        raise HedgerowError(f"--warmup must be >= 0, got {args.warmup}")
-
-
-def build(args, needs_draft: bool):
-    """One engine (batch 1) with the draft loaded when any contender needs it."""
-    from hedgerow.server.cli import build_engine
-
-    ns = argparse.Namespace(**{**vars(args), "mode": "chain" if needs_draft else "plain", "max_batch_size": 1})
-    return build_engine(ns)  # validates the speculation flags too
+    for flag in ("warmup", "pass_samples"):
+        if getattr(args, flag) < 0:
+            raise HedgerowError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
 
 
 def run(args) -> int:
@@ -87,7 +86,6 @@ def run(args) -> int:
 
     note_start(args)
     check_args(args)
-    apply_threads(args)
     contenders = parse_contenders(args)
     if not contenders:
         raise HedgerowError("nothing to run: --modes and --baselines are both empty")
@@ -96,15 +94,18 @@ def run(args) -> int:
     if need and args.target is not None and args.draft is None:
         raise HedgerowError(f"{', '.join(need)} need --draft (or run only --modes plain --baselines hf)")
     load_prompts(args.prompts, args.num_prompts)  # a bad --prompts fails before the models load
-    engine, tokenizer = build(args, bool(need))
+    engines, tokenizer = build_engines(args, contenders, bool(need))
+    engine = next(iter(engines.values()))
     prompts = load_prompts(args.prompts, args.num_prompts, tokenizer)  # now in the chat template, if any
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     for i, ids in enumerate(prompt_ids):
         if len(ids) + args.max_new_tokens > args.max_model_len:
             raise HedgerowError(f"prompt {i} is {len(ids)} tokens: with --max-new-tokens {args.max_new_tokens} "
                                 f"it does not fit --max-model-len {args.max_model_len}")
-    runner = Runner(engine, tokenizer, sampling, args.max_new_tokens)
-    runs = run_interleaved(runner, contenders, prompt_ids, args.repeats, args.warmup, args.seed)
+    runner = Runner(engines, tokenizer, sampling, args.max_new_tokens)
+    warm_up(runner, contenders, prompt_ids, args.warmup, args.seed)
+    times = measure_pass_times(args, engines) if args.pass_samples else None
+    runs = run_interleaved(runner, contenders, prompt_ids, args.repeats, args.seed)
     n = len(prompt_ids)
     data = {
         "config": new_config(
@@ -118,8 +119,10 @@ def run(args) -> int:
             engine={k: v for k, v in vars(engine.config).items() if isinstance(v, (int, float, str, bool))},
             sampling=dataclasses.asdict(sampling), greedy=sampling.greedy,
             contenders=[describe(c) for c in contenders],
+            implementations={implementation(e): fast_path(args, e.target) for e in engines.values()},
         ),
-        "results": results(contenders, runs, args.repeats, n, sampling.greedy),
+        "results": results(contenders, runs, args.repeats, n, sampling.greedy, engine_info(args, contenders, engines)),
+        "pass_times": times,
     }
     if args.profile:
         from hedgerow.bench.offline_profile import profile
@@ -127,5 +130,7 @@ def run(args) -> int:
         data["profile"] = profile(runner, contenders, prompt_ids[0], args.seed)
     write_json(args.output, data)
     print(tables.offline(data["results"]))
+    if times:
+        print("\n" + tables.pass_times(times))
     command_plots(args, data)
     return 0

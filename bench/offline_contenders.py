@@ -1,9 +1,11 @@
 """The contenders of ``hedgerow bench offline``, and one timed generation through each.
 
-Hedgerow's modes (``plain``, ``chain[@G]``, ``tree[@B]``, ``tree-static[@B]``) run through one Hedgerow
-engine (batch 1) with a per-request ``SpecParams``; the baselines are transformers' ``generate``
-(``hf``) and assisted generation (``hf-assisted``, its default schedule) on the same model objects,
-switched to SDPA attention for the call.
+Hedgerow's modes (``plain``, ``chain[@G]``, ``tree[@B]``, ``tree-static[@B]``, each optionally
+``:native`` or ``:transformers``) run through a Hedgerow engine (batch 1) of their model
+implementation, one engine per implementation, with a per-request ``SpecParams``: so one run
+measures the native fast path against transformers' modules driven by the same engine. The
+baselines are transformers' ``generate`` (``hf``) and assisted generation (``hf-assisted``, its
+default schedule) on transformers' own models of the same weights, with SDPA attention.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import dataclasses
 import time
 from dataclasses import dataclass, replace
 
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.errors import HedgerowError
 
 ENGINE_MODES = ("plain", "chain", "tree", "tree-static")
+IMPLS = ("native", "transformers")
 BASELINES = ("hf", "hf-assisted")
 
 
@@ -24,6 +27,7 @@ class Contender:
     name: str
     kind: str  # "engine", "hf" or "hf-assisted"
     spec: object = None  # SpecParams, for engine modes
+    impl: str | None = None  # engine modes: the --model-impl its engine is built with (auto, native, transformers)
 
     @property
     def uses_draft(self) -> bool:
@@ -32,7 +36,8 @@ class Contender:
 
 def parse_contenders(args) -> list[Contender]:
     """``--modes`` then ``--baselines``; every mode takes the speculation flags, ``@N`` overriding
-    the draft tokens (chain) or the tree budget (tree, tree-static)."""
+    the draft tokens (chain) or the tree budget (tree, tree-static), ``:IMPL`` the run's
+    ``--model-impl``."""
     from hedgerow.server.cli import spec_from_args
     from hedgerow.server.engine.sequence import SpecMode
 
@@ -42,9 +47,12 @@ def parse_contenders(args) -> list[Contender]:
         raise HedgerowError(f"--{str(exc).replace('_', '-')}") from None
     out: list[Contender] = []
     for name in args.modes:
-        mode, _, n = name.partition("@")
-        if mode not in ENGINE_MODES or (n and (not n.isdigit() or mode == "plain")):
-            raise HedgerowError(f"--modes: {name!r} is not one of plain, chain[@G], tree[@B], tree-static[@B]")
+        head, colon, impl = name.partition(":")
+        mode, _, n = head.partition("@")
+        if (mode not in ENGINE_MODES or (n and (not n.isdigit() or mode == "plain"))
+                or (colon and impl not in IMPLS)):
+            raise HedgerowError(f"--modes: {name!r} is not one of plain, chain[@G], tree[@B], tree-static[@B], "
+                                "each optionally followed by :native or :transformers")
         if mode == "plain":
             spec = replace(base, mode=SpecMode.PLAIN)
         elif mode == "chain":
@@ -52,7 +60,7 @@ def parse_contenders(args) -> list[Contender]:
         else:
             spec = replace(base, mode=SpecMode.TREE, tree_static=mode == "tree-static" or base.tree_static,
                            tree_budget=int(n) if n else base.tree_budget)
-        out.append(Contender(name, "engine", spec))
+        out.append(Contender(name, "engine", spec, impl if colon else args.model_impl))
     for name in args.baselines:
         if name == "none":
             continue
@@ -71,7 +79,7 @@ def describe(c: Contender) -> dict:
     if c.spec is not None:
         spec = dataclasses.asdict(c.spec)
         spec["mode"] = c.spec.mode.value
-    return {"name": c.name, "kind": c.kind, "spec": spec}
+    return {"name": c.name, "kind": c.kind, "spec": spec, "model_impl": c.impl}
 
 
 @dataclass
@@ -83,16 +91,18 @@ class Run:
 
 
 class Runner:
-    """Runs one prompt through one contender and times it (prefill included, tokenization not)."""
+    """Runs one prompt through one contender and times it (prefill included, tokenization not).
+    ``engines`` maps each engine contender's ``impl`` to its engine; all share one tokenizer."""
 
-    def __init__(self, engine, tokenizer, sampling, max_new_tokens: int):
+    def __init__(self, engines: dict, tokenizer, sampling, max_new_tokens: int):
         from hedgerow.server.cli import eos_ids
 
-        self.engine = engine
-        self.device = engine.target.device
+        self.engines = engines
+        first = next(iter(engines.values()))
+        self.device = first.target.device
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
-        self.eos = sorted(eos_ids(tokenizer, engine.target.model))
+        self.eos = sorted(eos_ids(tokenizer, first.target.model))
         self._baselines = None  # transformers' own models of the pair, loaded at the first baseline run
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
@@ -112,21 +122,22 @@ class Runner:
     def _engine(self, c: Contender, prompt_ids: list[int], seed: int) -> Run:
         from hedgerow.server.engine.sequence import Request
 
+        engine = self.engines[c.impl]
         self.counter += 1
         sampling = self.sampling if self.sampling.greedy else replace(self.sampling, seed=seed)
         req = Request(f"bench-{self.counter}", tuple(prompt_ids), sampling, self.max_new_tokens, c.spec)
-        before = dict(self.engine.times.phases)
+        before = dict(engine.times.phases)
         self._sync()
         t0 = time.perf_counter()
-        seq = self.engine.generate([req])[req.request_id]
+        seq = engine.generate([req])[req.request_id]
         self._sync()
         seconds = time.perf_counter() - t0
-        phases = {k: v - before.get(k, 0.0) for k, v in self.engine.times.phases.items()}
+        phases = {k: v - before.get(k, 0.0) for k, v in engine.times.phases.items()}
         return Run(list(seq.generated), seconds, seq.stats, phases)
 
     def baselines(self) -> tuple:
         """The target and draft as transformers loads them (SDPA attention), the same weights at
-        the engine's dtype and device: the baselines run transformers' code, not Hedgerow's."""
+        the engines' dtype and device: the baselines run transformers' code, not Hedgerow's."""
         if self._baselines is None:
             from transformers import AutoModelForCausalLM
 
@@ -137,7 +148,9 @@ class Runner:
                                                              attn_implementation="sdpa")
                 return model.to(runner.device).eval()
 
-            self._baselines = load(self.engine.target), load(self.engine.draft)
+            engines = list(self.engines.values())
+            draft = next((e.draft for e in engines if e.draft is not None), None)
+            self._baselines = load(engines[0].target), load(draft)
         return self._baselines
 
     def _hf(self, c: Contender, prompt_ids: list[int], seed: int) -> Run:

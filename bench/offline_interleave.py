@@ -4,7 +4,8 @@ After a warm-up, contenders run interleaved: prompt by prompt, each prompt throu
 (the order rotating from prompt to prompt), so drift on the machine hits all alike.
 ``tokens_per_second`` is generated tokens over wall time summed over every prompt and repeat.
 Acceptance fields are null for the transformers baselines (assisted generation does not expose
-them reliably).
+them reliably). Each contender is compared with plain decoding of its own model implementation
+(speed and, greedy, tokens) when that ran, else with the first plain contender.
 """
 
 from __future__ import annotations
@@ -15,17 +16,22 @@ from hedgerow.bench.common import acceptance_summary, ratio
 from hedgerow.bench.offline_contenders import Contender, Run, Runner
 
 
+def warm_up(runner: Runner, contenders: list[Contender], prompt_ids: list[list[int]], warmup: int, seed: int) -> None:
+    """The first ``warmup`` prompts through every contender, untimed."""
+    from tqdm import tqdm
+
+    for i in tqdm(range(min(warmup, len(prompt_ids))), desc="warm-up", file=sys.stderr, leave=False):
+        for c in contenders:
+            runner.run(c, prompt_ids[i], seed + i)
+
+
 def run_interleaved(runner: Runner, contenders: list[Contender], prompt_ids: list[list[int]], repeats: int,
-                    warmup: int, seed: int) -> dict[str, list[Run]]:
+                    seed: int) -> dict[str, list[Run]]:
     """Every contender's runs, in prompt order, repeat after repeat; prompt i of repeat r has seed
     ``seed + r * n + i``."""
     from tqdm import tqdm
 
     n = len(prompt_ids)
-    for i in tqdm(range(min(warmup, n)), desc="warm-up", file=sys.stderr, leave=False):
-        for c in contenders:
-            runner.run(c, prompt_ids[i], seed + i)
-
     runs: dict[str, list[tuple[int, Run]]] = {c.name: [] for c in contenders}  # (r * n + i, run)
     bar = tqdm(total=repeats * n * len(contenders), desc="offline", file=sys.stderr, unit="gen")
     for r in range(repeats):
@@ -39,16 +45,32 @@ def run_interleaved(runner: Runner, contenders: list[Contender], prompt_ids: lis
     return {name: [run for _, run in sorted(items, key=lambda x: x[0])] for name, items in runs.items()}
 
 
-def results(contenders: list[Contender], runs: dict[str, list[Run]], repeats: int, n: int, greedy: bool) -> list[dict]:
-    """One entry per contender, with its speedup over plain decoding when ``plain`` ran."""
-    out = [summarize(c, runs, repeats, n, greedy) for c in contenders]
-    plain = next((res for res in out if res["name"] == "plain"), None)
+def is_plain(c: Contender) -> bool:
+    return c.kind == "engine" and c.spec.mode.value == "plain"
+
+
+def results(contenders: list[Contender], runs: dict[str, list[Run]], repeats: int, n: int, greedy: bool,
+            engine_info: dict[str, dict]) -> list[dict]:
+    """One entry per contender, with ``engine_info[name]`` (its implementation and fast-path
+    settings) and its speedup over plain decoding of its implementation when that ran."""
+    plains = [c for c in contenders if is_plain(c)]
+    by_impl: dict[str, Contender] = {}
+    for c in plains:
+        by_impl.setdefault(engine_info[c.name]["implementation"], c)
+    out = []
+    for c in contenders:
+        plain = by_impl.get(engine_info[c.name]["implementation"], plains[0] if plains else None)
+        res = summarize(c, runs, repeats, n, greedy, runs[plain.name] if plain else None)
+        res.update(engine_info[c.name], plain_reference=plain.name if plain else None)
+        out.append(res)
+    tps = {r["name"]: r["tokens_per_second"] for r in out}
     for res in out:
-        res["speedup_vs_plain"] = ratio(res["tokens_per_second"], plain["tokens_per_second"]) if plain else None
+        res["speedup_vs_plain"] = ratio(res["tokens_per_second"], tps.get(res["plain_reference"]))
     return out
 
 
-def summarize(c: Contender, runs: dict[str, list[Run]], repeats: int, n: int, greedy: bool) -> dict:
+def summarize(c: Contender, runs: dict[str, list[Run]], repeats: int, n: int, greedy: bool,
+              plain: list[Run] | None) -> dict:
     mine = runs[c.name]
     tokens = sum(len(r.tokens) for r in mine)
     wall = sum(r.seconds for r in mine)
@@ -57,10 +79,7 @@ def summarize(c: Contender, runs: dict[str, list[Run]], repeats: int, n: int, gr
         part = mine[rep * n:(rep + 1) * n]
         secs = sum(r.seconds for r in part)
         by_repeat.append(sum(len(r.tokens) for r in part) / secs if secs else None)
-    if greedy and "plain" in runs:
-        match = all(a.tokens == b.tokens for a, b in zip(mine, runs["plain"]))
-    else:
-        match = None
+    match = all(a.tokens == b.tokens for a, b in zip(mine, plain)) if greedy and plain is not None else None
     res = {
         "name": c.name,
         "kind": c.kind,

@@ -17,7 +17,7 @@ def _plt():
     try:
         import matplotlib
     except ImportError:
-        from hedgerow.server.engine.errors import HedgerowError
+        from hedgerow.server.errors import HedgerowError
 
         raise HedgerowError("plots need matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
@@ -133,7 +133,9 @@ def _suffixes(data: dict) -> list[str]:
         return ["speedup"] + (["acceptance"] if speculative_histograms(data["results"]) else [])
     if kind == "serve":
         return ["e2e_cdf", "ttft_cdf"]
-    return ["speedup_vs_alpha"]
+    if kind == "sweep":
+        return ["speedup_vs_alpha"]
+    return []  # gpu: its figures are tables in RESULTS.md
 
 
 def plot_names(data: dict, stem: str) -> list[str]:

@@ -18,7 +18,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.errors import HedgerowError
 
 SETS = {
     # name: (module, path inside it, pip command)

@@ -60,6 +60,11 @@ def offline_section(stem: str, data: dict, rel: str) -> list[str]:
         "Acceptance rate: accepted draft tokens / drafted tokens. Null for the transformers baselines.",
         "",
     ]
+    if data.get("pass_times"):
+        any_times = next(iter(data["pass_times"].values()))
+        lines += [f"Pass times per model implementation (batch 1, after {any_times['context']} cached rows; median of "
+                  f"{any_times['samples']} passes, the implementations taking turns; forward, logits, argmax and the "
+                  "host copy, as a step does them):", "", tables.pass_times(data["pass_times"]), ""]
     histogram = tables.acceptance_histogram(results)
     if histogram:
         lines += ["Acceptance-length histogram (verify steps that emitted k tokens):", "", histogram, ""]
@@ -146,4 +151,31 @@ def sweep_section(stem: str, data: dict, rel: str) -> list[str]:
     ] + _plots(stem, data)
 
 
-SECTIONS = {"offline": offline_section, "serve": serve_section, "sweep": sweep_section}
+def gpu_section(stem: str, data: dict, rel: str) -> list[str]:
+    cfg, results = data["config"], data["results"]
+    counts = {s: sum(r["status"] == s for r in results) for s in ("passed", "failed", "skipped")}
+    lines = [f"## GPU check: `{stem}`", ""] + _header(stem, data, rel) + [
+        f"Device {cfg['device']} (CUDA {cfg['torch_cuda'] or 'absent'}; the CUDA kernels "
+        f"{'available' if cfg['kernels_available'] else 'unavailable'}); {cfg['seconds']:g} s of a "
+        f"{cfg['budget_seconds']:g} s budget; {counts['passed']} parts passed, {counts['failed']} failed, "
+        f"{counts['skipped']} skipped. Models are built from configs with random weights (no download).", "",
+        tables.gpu(results), "",
+    ]
+    by = {r["part"]: r["figures"] for r in results if r["status"] != "skipped"}
+    if by.get("kernels", {}).get("rows"):
+        lines += ["The kernel against its reference (float64), per problem:", "",
+                  tables.gpu_kernels(by["kernels"]["rows"]), ""]
+    if by.get("sweep", {}).get("sweep"):
+        sweep = by["sweep"]["sweep"]
+        lines += [f"Oracle sweep (`{sweep['config']['command']}`):", "", tables.step_costs(sweep), "",
+                  tables.sweep(sweep["results"]), ""]
+    if by.get("attention-timing", {}).get("rows"):
+        lines += ["Tree attention at 8B shapes (32 query, 8 key/value heads, head dim 128, bf16; median of CUDA-event "
+                  "timings):", "", tables.gpu_attention(by["attention-timing"]["rows"]), ""]
+    if by.get("pass-times", {}).get("pass_times"):
+        lines += ["Pass times, 8B target and 1B draft, bf16, batch 1:", "",
+                  tables.pass_times(by["pass-times"]["pass_times"]), ""]
+    return lines
+
+
+SECTIONS = {"offline": offline_section, "serve": serve_section, "sweep": sweep_section, "gpu": gpu_section}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hedgerow.bench.common import SCHEMA_VERSION
 from hedgerow.bench.report_sections import SECTIONS
-from hedgerow.bench.report_targets import target_section
+from hedgerow.bench.report_targets import native_section, target_section
 
 BENCH = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH / "results"
@@ -89,8 +89,8 @@ def render(folder: str | Path = RESULTS_DIR) -> str:
         "(ignored by git; `--plots DIR` for another folder; needs matplotlib). Each section names its plots.",
         "",
     ]
-    lines += target_section(runs)
-    order = {"offline": 0, "sweep": 1, "serve": 2}
+    lines += target_section(runs) + native_section(runs)
+    order = {"offline": 0, "sweep": 1, "serve": 2, "gpu": 3}
     for stem, data in sorted(runs, key=lambda x: (order.get(x[1]["config"]["kind"], 9), x[0])):
         lines += SECTIONS[data["config"]["kind"]](stem, data, rel)
     if not runs:

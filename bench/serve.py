@@ -20,7 +20,7 @@ from hedgerow.bench.common import csv, new_config, note_start, remember_parser, 
 from hedgerow.bench.plots import command_plots
 from hedgerow.bench.prompts import load_prompts
 from hedgerow.bench.serve_load import measure
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.errors import HedgerowError
 
 SPEC_MODES = ("plain", "chain", "tree")
 

@@ -18,7 +18,7 @@ import time
 
 from hedgerow.bench.serve_clients import GrpcClient, OpenAIClient, Sample, error_text
 from hedgerow.bench.serve_stats import summarize, vs_plain
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.errors import HedgerowError
 
 
 async def drive(client, prompts: list[str], mode: str, concurrency: int, args) -> tuple[list[Sample], float]:

@@ -8,7 +8,9 @@ system (scheduling, KV bookkeeping, verify cost, overheads), not a draft model's
 For each alpha, against plain decoding (``plain``) on the same engine, prompts interleaved
 (``sweep_runs``): measured = tokens/s(chain, oracle alpha) / tokens/s(plain), against the ideal of the
 expected-speedup model (``sweep_model``, docs/algorithms.md), kept = measured / ideal. Step costs
-are measured at a context of prompt + max_new_tokens / 2.
+are measured at a context of prompt + max_new_tokens / 2. The models run through transformers'
+modules, or Hedgerow's own with ``--model-impl native`` (CUDA graphs on a GPU unless
+``--cuda-graphs off``), as ``bench gpu`` runs it on 8B- and 1B-shaped models.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from dataclasses import asdict
 
 from hedgerow.bench import tables
 from hedgerow.bench.common import (
-    add_threads_arg,
-    apply_threads,
     csv,
     new_config,
     note_start,
@@ -30,7 +30,8 @@ from hedgerow.bench.plots import command_plots
 from hedgerow.bench.sweep_model import measure_costs
 from hedgerow.bench.sweep_runs import OracleBench, random_prompts, results
 from hedgerow.bench.sweep_shapes import parse_shape
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.cli import add_cpu_threads_arg, apply_cpu_threads
+from hedgerow.server.errors import HedgerowError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,8 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cost-samples", type=int, default=30, help="timed calls per step-cost measurement (default: 30)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     g.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    g.add_argument("--model-impl", default="transformers", choices=["transformers", "native"],
+                   help="the models' code: transformers' modules or Hedgerow's own (default: transformers)")
+    g.add_argument("--cuda-graphs", default="auto", choices=["auto", "off"],
+                   help="CUDA: replay captured passes, one graph per shape bucket (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="weights, prompts and corruption (default: 0)")
-    add_threads_arg(g)
+    add_cpu_threads_arg(g)
     g = p.add_argument_group("output")
     g.add_argument("--output", help="write the results JSON here")
     g.add_argument("--plots", help="write PNG plots into this folder")
@@ -56,6 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    data = measure(args)
+    write_json(args.output, data)
+    print(tables.sweep(data["results"]) + "\n\n" + tables.step_costs(data))
+    command_plots(args, data)
+    return 0
+
+
+def measure(args) -> dict:
+    """The sweep's results JSON (``bench gpu`` runs it too, on 8B- and 1B-shaped models)."""
     from hedgerow.server.models.loader import parse_device, resolve_dtype
 
     target_shape = parse_shape(args.target_shape, "--target-shape")
@@ -69,7 +83,7 @@ def run(args) -> int:
         if getattr(args, flag) < 1:
             raise HedgerowError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     note_start(args)
-    apply_threads(args)
+    apply_cpu_threads(args.cpu_threads, {args.device})
     device = parse_device(args.device, "--device")
     dtype = resolve_dtype(args.dtype, device)
     draft_tokens = args.draft_tokens
@@ -79,7 +93,7 @@ def run(args) -> int:
     bench.warm_up(prompts, alphas[0], args.seed)
     costs = measure_costs(bench.engine, draft_tokens, args.prompt_len + args.max_new_tokens // 2, args.cost_samples)
     runs = bench.interleaved(prompts, alphas, args.repeats, args.seed)
-    data = {
+    return {
         "config": new_config(
             "sweep", args, label="systems benchmark: random-weight models of real shapes, oracle drafter",
             target_shape={"name": args.target_shape, **asdict(target_shape), "params": target_shape.params()},
@@ -91,7 +105,3 @@ def run(args) -> int:
         "step_costs": costs,
         "results": results(runs, alphas, draft_tokens, costs),
     }
-    write_json(args.output, data)
-    print(tables.sweep(data["results"]) + "\n\n" + tables.step_costs(data))
-    command_plots(args, data)
-    return 0

@@ -7,17 +7,22 @@ and the step costs it takes.
 
 a is the realised per-token acceptance (accepted / (accepted + rejections): the estimate of alpha
 under independent acceptances), g = --draft-tokens. Step costs are measured on the engine's own
-runners at batch 1, median of repeated calls: t_target one target pass of 1 token, t_verify(g+1)
-one pass of a g+1-token chain, t_draft one draft pass of 1 token (flatten, forward, logits, argmax,
-the host copy included). ``ideal`` takes a verify pass to cost one target step, as the model does;
-``ideal_vc`` charges the verify pass its measured cost, so ``measured / ideal_vc`` is what is lost
-outside the model passes.
+runners at batch 1, median of repeated calls, the passes taking turns: t_target one target pass of
+1 token, t_verify(g+1) one pass of a g+1-token chain, t_draft one draft pass of 1 token (flatten,
+forward, logits, argmax, the host copy included). ``ideal`` takes a verify pass to cost one target
+step, as the model does; ``ideal_vc`` charges the verify pass its measured cost, so
+``measured / ideal_vc`` is what is lost outside the model passes.
+
+``pass_times`` is the one measurement of pass times: the sweep's step costs, the per-implementation
+pass times of ``bench offline`` and those of ``bench gpu``.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
+from typing import Callable
 
 
 def expected_tokens(alpha: float, draft_tokens: int) -> float:
@@ -44,16 +49,18 @@ def ideal_speedups(alpha: float | None, draft_tokens: int,
     return e_tokens, ideal, ideal_vc
 
 
-# --- step costs ----------------------------------------------------------------------------------
-def step_cost(runner, nodes: int, prefix: int, samples: int) -> float:
-    """Median seconds of one batch-1 pass over a chain of ``nodes`` tokens after ``prefix`` cached
-    rows: flatten, forward, logits, argmax and the host copy, as a step does them."""
-    import random
+# --- pass times ----------------------------------------------------------------------------------
+PASS_CONTEXT = 120  # cached rows before each timed pass when implementations are compared (offline, gpu)
 
+
+def pass_clock(runner, nodes: int, prefix: int) -> Callable[[], float]:
+    """A timer of one batch-1 pass over a chain of ``nodes`` tokens after ``prefix`` cached rows, in
+    the scratch slot (rows no sequence reads): flatten, forward, logits, argmax and the host copy,
+    as a step does them (the host copy waits for the device, so a GPU pass is timed whole)."""
     from hedgerow.verify.flatten import flatten
     from hedgerow.verify.tree import DraftTree
 
-    slot = runner.cache.scratch_slot  # rows no sequence reads
+    slot = runner.cache.scratch_slot
     rng = random.Random(0)
 
     def once() -> float:
@@ -62,14 +69,46 @@ def step_cost(runner, nodes: int, prefix: int, samples: int) -> float:
         runner.logits(runner.forward([slot], flat)).argmax(-1).tolist()
         return time.perf_counter() - t0
 
-    for _ in range(3):
-        once()
-    return statistics.median(once() for _ in range(samples))
+    return once
+
+
+def median_seconds(clocks: dict, samples: int, warmup: int = 3) -> dict:
+    """Each clock's median over ``samples`` calls after ``warmup`` calls, the clocks taking turns
+    (one call of each, then the next round), so drift on the machine hits all alike."""
+    for _ in range(warmup):
+        for once in clocks.values():
+            once()
+    times: dict = {key: [] for key in clocks}
+    for _ in range(samples):
+        for key, once in clocks.items():
+            times[key].append(once())
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def pass_times(pairs: dict[str, tuple], draft_tokens: int, prefix: int, samples: int,
+               draft_verify: bool = True) -> dict[str, dict]:
+    """Median pass times of each (target runner, draft runner or None) pair, all pairs' passes
+    interleaved: ``t_target`` one target pass of 1 token, ``t_verify`` of a chain of γ+1 tokens,
+    ``t_draft`` one draft pass of 1 token, ``t_draft_verify`` of γ+1 tokens (with ``draft_verify``),
+    ``c = t_draft / t_target``; every pass after ``prefix`` cached rows."""
+    clocks = {}
+    for name, (target, draft) in pairs.items():
+        clocks[name, "t_target"] = pass_clock(target, 1, prefix)
+        clocks[name, "t_verify"] = pass_clock(target, draft_tokens + 1, prefix)
+        if draft is not None:
+            clocks[name, "t_draft"] = pass_clock(draft, 1, prefix)
+            if draft_verify:
+                clocks[name, "t_draft_verify"] = pass_clock(draft, draft_tokens + 1, prefix)
+    medians = median_seconds(clocks, samples)
+    out = {}
+    for name in pairs:
+        entry = {"context": prefix, **{key: t for (n, key), t in medians.items() if n == name}}
+        entry["c"] = entry["t_draft"] / entry["t_target"] if "t_draft" in entry else None
+        out[name] = entry
+    return out
 
 
 def measure_costs(engine, draft_tokens: int, prefix: int, samples: int) -> dict:
-    t_target = step_cost(engine.target, 1, prefix, samples)
-    t_verify = step_cost(engine.target, draft_tokens + 1, prefix, samples)
-    t_draft = step_cost(engine.draft, 1, prefix, samples)
-    return {"context": prefix, "t_target": t_target, "t_verify": t_verify, "t_draft": t_draft,
-            "c": t_draft / t_target}
+    """The sweep's step costs: ``pass_times`` of its one engine, without the draft's γ+1 pass."""
+    pair = {"engine": (engine.target, engine.draft)}
+    return pass_times(pair, draft_tokens, prefix, samples, draft_verify=False)["engine"]

@@ -34,15 +34,20 @@ class OracleBench:
         from hedgerow.server.engine.engine import Engine
         from hedgerow.server.engine.runner import ModelRunner
         from hedgerow.server.models.hf import TransformersModel
+        from hedgerow.server.models.native import from_transformers
 
         draft_tokens = args.draft_tokens
         max_len = args.prompt_len + args.max_new_tokens + draft_tokens + 2
-        target = build_model(target_shape, max_len, device, dtype, args.seed)
-        draft = build_model(draft_shape, max_len, device, dtype, args.seed + 1)
+
+        def runner(shape: Shape, seed: int, name: str) -> ModelRunner:
+            model = build_model(shape, max_len, device, dtype, seed)
+            # the native twin copies the weights; the transformers model is dropped once copied
+            driven = from_transformers(model, max_len) if args.model_impl == "native" else TransformersModel(model)
+            return ModelRunner(driven, num_slots=1, max_len=max_len, name=name, cuda_graphs=args.cuda_graphs)
+
         self.spec = SpecParams(mode=SpecMode.CHAIN, draft_tokens=draft_tokens)
         self.plain_spec = replace(self.spec, mode=SpecMode.PLAIN)
-        self.engine = Engine(ModelRunner(TransformersModel(target), num_slots=1, max_len=max_len, name="target"),
-                             ModelRunner(TransformersModel(draft), num_slots=1, max_len=max_len, name="draft"),
+        self.engine = Engine(runner(target_shape, args.seed, "target"), runner(draft_shape, args.seed + 1, "draft"),
                              eos_token_ids=[],
                              # fixed draft tokens: the oracle sets alpha, no policy second-guesses the draft budget
                              config=EngineConfig(max_model_len=max_len, max_batch_size=1, spec=self.spec,

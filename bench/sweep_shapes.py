@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.errors import HedgerowError
 
 
 @dataclass(frozen=True)

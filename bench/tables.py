@@ -38,6 +38,11 @@ def offline(results: list[dict]) -> str:
     rows = [[r["name"], fmt(r["tokens_per_second"], 1), fmt(r["speedup_vs_plain"], 2, "×"), vs(r, "hf"),
              vs(r, "hf-assisted"), fmt(r["mean_accepted_length"]), fmt(r["acceptance_rate"]),
              fmt(r["outputs_match_plain"]), r["generated_tokens"], fmt(r["wall_seconds"], 2)] for r in results]
+    if any("implementation" in r for r in results):  # runs that record it: the model code, and which plain
+        headers += ["model code", "plain reference"]
+        for row, r in zip(rows, results):
+            code = r["implementation"] if r["kind"] == "engine" else f"{r['implementation']} generate"
+            row += [code, fmt(r.get("plain_reference"))]
     return markdown_table(headers, rows)
 
 
@@ -126,3 +131,49 @@ def step_costs(data: dict) -> str:
     return (f"Step costs at batch 1 (context {c['context']}, median): target pass of 1 token "
             f"{1e3 * c['t_target']:.2f} ms, of γ+1 = {g + 1} tokens {1e3 * c['t_verify']:.2f} ms, draft pass of "
             f"1 token {1e3 * c['t_draft']:.2f} ms; c = t_draft / t_target = {c['c']:.3f}.")
+
+
+def pass_times(times: dict[str, dict]) -> str:
+    """Per implementation: median draft, target and verify pass times at batch 1 and c (``pass_times``
+    of an offline run, or of ``bench gpu``)."""
+    def ms(x):
+        return fmt(None if x is None else 1e3 * x, 2, " ms")
+
+    rows = [[impl, t.get("compile") or "—", t.get("cuda_graphs") or "—", t["context"], ms(t.get("t_draft")),
+             ms(t["t_target"]), f"{ms(t['t_verify'])} ({t['verify_tokens']} tokens)", fmt(t["c"], 3)]
+            for impl, t in times.items()]
+    return markdown_table(["implementation", "compile", "CUDA graphs", "context", "draft pass", "target pass",
+                           "verify pass (γ+1)", "c = draft / target"], rows)
+
+
+# --- gpu ----------------------------------------------------------------------------------------
+def gpu(results: list[dict]) -> str:
+    """Each part of ``bench gpu``: its status, time against its budget and figures; the CPU dry
+    variant beside it when the run had no CUDA."""
+    headers = ["part", "status", "seconds (budget)", "figures"]
+    rows = [[f"`{r['part']}`", r["status"], f"{r['seconds']:.1f} ({r['budget_seconds']:g})", r["summary"]]
+            for r in results]
+    if any(r.get("dry") for r in results):
+        headers += ["CPU dry run", "its figures"]
+        for row, r in zip(rows, results):
+            dry = r.get("dry")
+            row += [f"{dry['status']} ({dry['seconds']:.1f} s)", dry["summary"]] if dry else ["—", "no CPU variant"]
+    return markdown_table(headers, rows)
+
+
+def gpu_kernels(rows: list[dict]) -> str:
+    """The kernel against its float64 reference, problem by problem."""
+    return markdown_table(
+        ["dtype", "heads (q/kv)", "head dim", "prefixes", "tree sizes", "relative error", "tolerance",
+         "max abs error", "within"],
+        [[r["dtype"], r["heads"], r["head_dim"], ", ".join(map(str, r["prefix"])), ", ".join(map(str, r["nodes"])),
+          f"{r['relative_error']:.1e}", f"{r['tolerance']:g}", f"{r['max_abs_error']:.1e}", fmt(r["ok"])]
+         for r in rows])
+
+
+def gpu_attention(rows: list[dict]) -> str:
+    """Tree attention per size: SDPA with the dense tree mask against the CUDA kernel."""
+    return markdown_table(
+        ["batch", "tree nodes", "prefix", "SDPA ms", "kernel ms", "SDPA / kernel", "relative difference"],
+        [[r["batch"], r["nodes"], r["prefix"], fmt(r["sdpa_ms"], 3), fmt(r["kernel_ms"], 3),
+          fmt(r["sdpa_over_kernel"], 2, "×"), f"{r['relative_difference']:.1e}"] for r in rows])

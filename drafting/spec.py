@@ -16,6 +16,31 @@ class SpecMode(str, enum.Enum):
     TREE = "tree"
 
 
+# The bounds, inclusive, of each size a request may ask for. One table for every surface: the
+# command line, the gRPC service and the OpenAI proxy's extension check against it (through
+# ``SpecParams`` or ``check_spec_size``), so a value one accepts the others accept too. The upper
+# bounds keep one verify pass bounded (a chain verifies ``draft_tokens + 1`` tokens, a tree
+# ``tree_budget + 1``) and lie far past the sizes where drafting pays; a tree's depth and its
+# children per node share the chain's bound.
+SPEC_LIMITS: dict[str, tuple[int, int]] = {
+    "draft_tokens": (0, 64),
+    "tree_budget": (0, 1024),
+    "tree_depth": (0, 64),
+    "tree_topk": (1, 64),
+}
+
+
+def check_spec_size(name: str, value: int) -> int:
+    """``value`` when it is an integer within ``SPEC_LIMITS[name]``; otherwise a ValueError whose
+    message starts with ``name`` (each surface maps it to its own field or flag name)."""
+    lo, hi = SPEC_LIMITS[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class SpecParams:
     mode: SpecMode = SpecMode.CHAIN
@@ -26,14 +51,8 @@ class SpecParams:
     tree_static: bool = False  # a fixed top-k rank shape instead of a dynamic tree
 
     def __post_init__(self) -> None:
-        if self.draft_tokens < 0:
-            raise ValueError(f"draft_tokens must be >= 0, got {self.draft_tokens}")
-        if self.tree_budget < 0:
-            raise ValueError(f"tree_budget must be >= 0, got {self.tree_budget}")
-        if self.tree_depth < 0:
-            raise ValueError(f"tree_depth must be >= 0, got {self.tree_depth}")
-        if self.tree_topk < 1:
-            raise ValueError(f"tree_topk must be >= 1, got {self.tree_topk}")
+        for name in SPEC_LIMITS:
+            check_spec_size(name, getattr(self, name))
 
     @property
     def configured_size(self) -> int:

@@ -1,6 +1,7 @@
-"""The benchmark harness on tiny models: offline schema and losslessness, the oracle sweep, the
-serving load client (gRPC in-process, OpenAI SSE against a stub), the prompt sets, and that
-bench/RESULTS.md is what the committed JSONs give."""
+"""The benchmark harness on tiny models: offline schema and losslessness (both model implementations
+in one run), the oracle sweep, the GPU check as CI runs it (on a CPU), the serving load client (gRPC
+in-process, OpenAI SSE against a stub), the prompt sets, and that bench/RESULTS.md is what the
+committed JSONs give."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from hedgerow.bench import tables
 from hedgerow.server.cli import build_parser, main
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.errors import HedgerowError
 from hedgerow.server.proxy.schema import CompletionRequest
 
+pytestmark = pytest.mark.live
 ROOT = Path(__file__).resolve().parents[1]
 try:
     import matplotlib  # noqa: F401  (plots are checked where it is installed)
@@ -97,9 +100,87 @@ def test_offline_sampling_has_no_match_column(tiny_folders, prompts_file, tmp_pa
     assert all(r["outputs_match_plain"] is None for r in data["results"])
 
 
+def test_offline_both_implementations(tiny_folders, prompts_file, tmp_path, capsys):
+    """One run measures the native models against transformers' modules: one engine each, every greedy
+    contender of both gives plain decoding's tokens, and each implementation's pass times are recorded."""
+    from hedgerow.bench import results as report
+
+    out = tmp_path / "results" / "both.json"
+    modes = "plain,chain,tree,tree-static@8,plain:transformers,chain:transformers,tree:transformers,chain@2:native"
+    assert bench("offline", "--target", str(tiny_folders["target"]), "--draft", str(tiny_folders["draft"]),
+                 "--prompts", str(prompts_file), "--num-prompts", "2", "--max-new-tokens", "8", "--modes", modes,
+                 "--baselines", "hf", "--adaptive", "none", "--max-model-len", "160", "--pass-samples", "3",
+                 "--output", str(out)) == 0
+    data = json.loads(out.read_text())
+    cfg = data["config"]
+    assert "--pass-samples 3" in cfg["command"] and f"--modes {modes}" in cfg["command"]
+    assert set(cfg["implementations"]) == {"native", "transformers"}  # auto resolved the Llama folders natively
+    assert {c["name"]: c["model_impl"] for c in cfg["contenders"]}["chain@2:native"] == "native"
+    res = {r["name"]: r for r in data["results"]}
+    assert list(res) == modes.split(",") + ["hf"]
+    for name, r in res.items():
+        assert RESULT_KEYS <= r.keys() and r["outputs_match_plain"] is True, name  # both implementations lossless
+        want = "transformers" if ":transformers" in name or name == "hf" else "native"
+        assert r["implementation"] == want, name
+        assert r["compile"] == ("off" if r["kind"] == "engine" else None) and "cuda_graphs" in r, name
+    assert res["chain:transformers"]["plain_reference"] == "plain:transformers"
+    assert res["chain@2:native"]["plain_reference"] == "plain" and res["plain:transformers"]["speedup_vs_plain"] == 1.0
+    times = data["pass_times"]
+    assert set(times) == {"native", "transformers"}
+    for t in times.values():
+        assert t["context"] == 120 and t["verify_tokens"] == 5 and t["samples"] == 3
+        assert min(t["t_target"], t["t_verify"], t["t_draft"], t["t_draft_verify"]) > 0
+        assert t["c"] == pytest.approx(t["t_draft"] / t["t_target"])
+    printed = capsys.readouterr().out
+    assert tables.offline(data["results"]) in printed and tables.pass_times(times) in printed
+    assert "| tokens | seconds | model code | plain reference |" in printed
+    text = report.render(out.parent)
+    assert tables.pass_times(times) in text  # the same table in RESULTS.md
+    row = next(line for line in text.splitlines() if line.startswith("| `both` | cpu |"))
+    assert row.endswith(" of 4 measured |"), row  # every native target but the one against hf-assisted
+
+
+def test_report_states_native_targets_from_numbers(tmp_path):
+    from hedgerow.bench import results
+
+    def entry(name, impl, tps, kind="engine"):
+        return {"name": name, "kind": kind, "implementation": impl, "tokens_per_second": tps,
+                "outputs_match_plain": True, "speedup_vs_plain": None, "mean_accepted_length": None,
+                "acceptance_rate": None, "acceptance_length_histogram": None, "generated_tokens": 10,
+                "wall_seconds": 1.0}
+
+    def spec(mode, static=False):
+        return {"mode": mode, "tree_static": static}
+
+    contenders = {"plain": spec("plain"), "chain": spec("chain"), "tree": spec("tree"),
+                  "tree-static": spec("tree", True), "plain:transformers": spec("plain"), "hf": None,
+                  "hf-assisted": None}
+    runs = [entry("plain", "native", 20.0), entry("chain", "native", 45.0), entry("tree", "native", 40.0),
+            entry("tree-static", "native", 50.0), entry("plain:transformers", "transformers", 12.0),
+            entry("hf", "transformers", 14.0, "hf"), entry("hf-assisted", "transformers", 25.0, "hf-assisted")]
+    machine = {"cpu": "X", "cores": 2, "torch_threads": 2, "python": "3", "torch": "2", "transformers": "5"}
+    cfg = {"kind": "offline", "command": "hedgerow bench offline --target t --draft d", "machine": machine,
+           "started": "now", "embedded_pair": False, "target": "t", "draft": "d", "target_device": "cuda:0",
+           "dtype": "bfloat16", "prompts": "humaneval", "num_prompts": 10, "prompt_tokens": [5, 9],
+           "max_new_tokens": 128, "greedy": True, "sampling": {}, "repeats": 1, "warmup": 1,
+           "contenders": [{"name": n, "spec": s} for n, s in contenders.items()]}
+    times = {impl: {"context": 120, "t_target": 0.02, "t_verify": 0.03, "t_draft": d, "verify_tokens": 5, "c": None,
+                    "samples": 20} for impl, d in (("native", 0.002), ("transformers", 0.008))}
+    (tmp_path / "y.json").write_text(json.dumps({"config": cfg, "results": runs, "pass_times": times}))
+    text = results.render(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| `y` |"))
+    # best native speculative mode: tree-static (50); tree (dynamic, 40) is slower than chain (45)
+    assert row == ("| `y` | cuda:0 | tree-static | 0.25× (met) | 1.43× (met) | 2.50× (met) | 2.00× (met) "
+                   "| 0.89× (not met) | 4 of 5 measured |")
+    assert "- native draft pass ≤ 0.5× transformers' draft pass: met; best measured 0.25× (`y`)." in text
+    assert "- dynamic tree (native) ≥ 1.0× chain (native): not met; best measured 0.89× (`y`)." in text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--modes", "plain,beam"], "--modes"),
     (["--modes", "plain@3"], "--modes"),
+    (["--modes", "chain:gpu"], "--modes"),
+    (["--pass-samples", "-1"], "--pass-samples"),
     (["--baselines", "vllm"], "--baselines"),
     (["--modes", "plain,plain"], "twice"),
     (["--num-prompts", "0"], "--num-prompts"),
@@ -182,6 +263,37 @@ def test_ideal_speedup_formula():
     assert expected_tokens(1.0, 4) == 5.0 and expected_tokens(0.0, 4) == 1.0
     # steps: (drafted, accepted): 4 accepted then a rejection; 2 accepted, all of them
     assert realised_alpha([(4, 3), (2, 2)]) == pytest.approx(5 / 6)
+
+
+# --- gpu -----------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the command runs the full check (minutes)")
+def test_gpu_command_on_a_cpu_skips_every_part_by_name(tmp_path, capsys):
+    """CI's run of ``hedgerow bench gpu``: every GPU part skipped by name, the CPU variants pass, the
+    JSON becomes a RESULTS.md section."""
+    from hedgerow.bench import gpu, results
+
+    out = tmp_path / "results" / "gpu.json"
+    assert bench("gpu", "--output", str(out)) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["config"]["kind"] == "gpu" and data["config"]["cuda"] is False
+    assert data["config"]["command"] == f"hedgerow bench gpu --output {out}"
+    assert [r["part"] for r in data["results"]] == gpu.NAMES
+    for r in data["results"]:
+        assert f"skipped {r['part']}: no CUDA device" in printed.splitlines()
+        assert (r["status"], r["summary"], r["seconds"]) == ("skipped", "no CUDA device", 0.0)
+    dry = {r["part"]: r["dry"] for r in data["results"]}
+    assert dry["cuda-graphs"] is None  # nothing of graph capture can be checked without CUDA
+    nvrtc = dry.pop("kernels")
+    assert nvrtc["status"] == "passed" or (nvrtc["status"] == "skipped" and "NVRTC" in nvrtc["summary"])
+    for part in ("greedy-e2e", "sweep", "attention-timing", "pass-times"):
+        assert dry[part]["status"] == "passed", (part, dry[part]["summary"])
+        assert f"passed {part} (dry, CPU): {dry[part]['summary']}" in printed
+    assert dry["greedy-e2e"]["figures"]["runs"] == 16 and not dry["greedy-e2e"]["figures"]["failures"]
+    assert dry["sweep"]["figures"]["parameters"]["llama-8b"][0] == 8_030_261_248
+    assert tables.gpu(data["results"]) in printed
+    text = results.render(out.parent)
+    assert "## GPU check: `gpu`" in text and tables.gpu(data["results"]) in text
 
 
 # --- serve ---------------------------------------------------------------------------------------

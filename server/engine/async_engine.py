@@ -26,7 +26,7 @@ from typing import Protocol
 
 from hedgerow.server.engine.commit import StepOutput
 from hedgerow.server.engine.engine import Engine
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.errors import HedgerowError
 from hedgerow.server.engine.sequence import FinishReason, Request, Sequence, SpecMode
 
 log = logging.getLogger("hedgerow.async_engine")

@@ -22,7 +22,7 @@ from hedgerow.drafting.proposer import Drafts, Proposer
 from hedgerow.drafting.spec import SpecMode
 from hedgerow.server.engine.commit import StepOutput, commit
 from hedgerow.server.engine.config import EngineConfig
-from hedgerow.server.engine.errors import HedgerowError, OverloadedError
+from hedgerow.server.errors import HedgerowError, OverloadedError
 from hedgerow.server.engine.failures import isolate
 from hedgerow.server.engine.runner import ModelRunner
 from hedgerow.server.engine.scheduler import Scheduler

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.errors import HedgerowError
 from hedgerow.server.models import hf
 
 log = logging.getLogger("hedgerow.loader")

@@ -15,7 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.errors import HedgerowError
 from hedgerow.server.proxy.config import ProxyConfig
 
 

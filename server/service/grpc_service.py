@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from hedgerow.server.engine.async_engine import AsyncEngine, Update
 from hedgerow.server.detokenize import IncrementalDetokenizer
 from hedgerow.server.engine.engine import Engine
-from hedgerow.server.engine.errors import HedgerowError, OverloadedError
+from hedgerow.server.errors import HedgerowError, OverloadedError
 from hedgerow.server.service.metrics import Metrics
 from hedgerow.server.rpc import generation_pb2 as pb
 from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc

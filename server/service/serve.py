@@ -17,7 +17,7 @@ import signal
 import sys
 
 from hedgerow.server.cli import add_model_args, add_spec_args, build_engine, resolve_models
-from hedgerow.server.engine.errors import HedgerowError
+from hedgerow.server.errors import HedgerowError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -18,8 +18,8 @@ Pipeline (every stage is resumable from ``--work-dir``):
                ``--greedy-fraction`` of their rows from the greedy continuations and the
                rest from the training stream.
 6. export   -- both models in Hugging Face format (bfloat16 on disk) plus the
-               shared tokenizer files, into ``--out-dir`` (default: the package's
-               ``server/embedded``).
+               shared tokenizer files, into ``--out-dir``; the shipped pair's folder
+               (the package's ``server/embedded``) only with ``--overwrite-embedded``.
 7. eval     -- held-out loss/perplexity of both exported models, and greedy
                chain-speculative acceptance with 4 draft tokens on the first 20 HumanEval
                prompts (simulated with the HF models).
@@ -39,9 +39,12 @@ and its tokenizer are read from an exported folder (for example the shipped
 
 Usage::
 
-    python -m hedgerow.server.embedded.train --work-dir /tmp/hedgerow-pair           # train + export + eval
-    python -m hedgerow.server.embedded.train --eval-only                              # eval the shipped pair
-    python -m hedgerow.server.embedded.train --work-dir /tmp/d --target-from server/embedded/target   # new draft only
+    hedgerow train-pair --work-dir /tmp/hedgerow-pair --out-dir /tmp/pair          # train + export + eval
+    hedgerow train-pair --eval-only                                                # eval the shipped pair
+    hedgerow train-pair --work-dir /tmp/d --out-dir /tmp/pair --target-from server/embedded/target   # new draft only
+    hedgerow train-pair --work-dir /tmp/hedgerow-pair --overwrite-embedded         # replace the shipped pair
+
+(``python -m hedgerow.server.embedded.train`` is the same command.)
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -63,9 +67,10 @@ from hedgerow.server.embedded.train.distill import ce_loss_fn, generate_greedy_r
 from hedgerow.server.embedded.train.evaluate import evaluate_pair
 from hedgerow.server.embedded.train.loop import Stage, mixed_batches, stream_batches, train_stage
 from hedgerow.server.embedded.train.models import cost_per_token, export_model, llama_config
+from hedgerow.server.errors import HedgerowError
 
 # The package's embedded dir (server/embedded), where the shipped pair lives.
-DEFAULT_OUT = Path(__file__).resolve().parents[1]
+EMBEDDED_DIR = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,27 +78,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("paths")
     g.add_argument("--work-dir", type=Path, default=Path("hedgerow-train-pair"),
                    help="checkpoints, tokenized corpus and logs; rerunning resumes from here")
-    g.add_argument("--out-dir", type=Path, default=DEFAULT_OUT,
-                   help="where target/ and draft/ are written (default: the package's embedded dir)")
+    g.add_argument("--out-dir", type=Path, default=None,
+                   help="where target/ and draft/ are written (required to train; default with --eval-only: "
+                        "the shipped pair, read)")
+    g.add_argument("--overwrite-embedded", action="store_true",
+                   help="write the pair into the package's server/embedded, replacing the shipped pair")
     g.add_argument("--stdlib", type=Path, default=None,
                    help="corpus root (default: sysconfig stdlib of this interpreter)")
-    g.add_argument("--max-files", type=int, default=0, help="debug: cap the number of corpus files")
+    g.add_argument("--max-files", type=int, default=0, help="debug: cap the number of corpus files; 0 = all")
 
     g = parser.add_argument_group("tokenizer")
-    g.add_argument("--vocab-size", type=int, default=4096)
+    g.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary, the special token included")
     g.add_argument("--heldout-percent", type=float, default=2.0,
                    help="percent of files (by sha1 of relative path) held out for evaluation")
 
     g = parser.add_argument_group("target model")
-    g.add_argument("--target-hidden", type=int, default=384)
-    g.add_argument("--target-layers", type=int, default=6)
-    g.add_argument("--target-heads", type=int, default=6)
-    g.add_argument("--target-kv-heads", type=int, default=2)
-    g.add_argument("--target-intermediate", type=int, default=896)
-    g.add_argument("--target-lr", type=float, default=1.5e-3)
-    g.add_argument("--target-batch", type=int, default=8)
-    g.add_argument("--target-minutes", type=float, default=34.0)
-    g.add_argument("--target-steps", type=int, default=0, help="fix the step count (overrides minutes)")
+    g.add_argument("--target-hidden", type=int, default=384, help="hidden size")
+    g.add_argument("--target-layers", type=int, default=6, help="decoder layers")
+    g.add_argument("--target-heads", type=int, default=6, help="attention heads")
+    g.add_argument("--target-kv-heads", type=int, default=2, help="key/value heads (GQA)")
+    g.add_argument("--target-intermediate", type=int, default=896, help="MLP intermediate size (SwiGLU)")
+    g.add_argument("--target-lr", type=float, default=1.5e-3, help="peak learning rate")
+    g.add_argument("--target-batch", type=int, default=8, help="sequences per optimizer step")
+    g.add_argument("--target-minutes", type=float, default=34.0, help="training-loop time budget")
+    g.add_argument("--target-steps", type=int, default=0, help="fix the step count (overrides minutes); 0 = by minutes")
     g.add_argument("--target-from", type=Path, default=None,
                    help="use this exported target (and its tokenizer) instead of training one; "
                         "only the draft is trained")
@@ -101,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("greedy continuations of the target (draft training data)")
     g.add_argument("--greedy-minutes", type=float, default=5.0,
                    help="time spent generating them (0: train the draft on the corpus only)")
-    g.add_argument("--greedy-rows", type=int, default=0, help="fix the number of rows (overrides minutes)")
+    g.add_argument("--greedy-rows", type=int, default=0, help="fix the number of rows (overrides minutes); 0 = by minutes")
     g.add_argument("--greedy-batch", type=int, default=128, help="rows generated together")
     g.add_argument("--greedy-prefix", type=int, default=64, help="tokens of the corpus each row starts from")
     g.add_argument("--greedy-new", type=int, default=193, help="greedy tokens generated per row")
@@ -109,27 +117,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fraction of each draft batch's rows taken from the greedy continuations")
 
     g = parser.add_argument_group("draft model")
-    g.add_argument("--draft-hidden", type=int, default=128)
-    g.add_argument("--draft-layers", type=int, default=4)
-    g.add_argument("--draft-heads", type=int, default=4)
-    g.add_argument("--draft-kv-heads", type=int, default=2)
-    g.add_argument("--draft-intermediate", type=int, default=320)
-    g.add_argument("--draft-lr", type=float, default=3e-3)
-    g.add_argument("--draft-batch", type=int, default=8)
-    g.add_argument("--draft-minutes", type=float, default=20.0)
-    g.add_argument("--draft-steps", type=int, default=0, help="fix the step count (overrides minutes)")
+    g.add_argument("--draft-hidden", type=int, default=128, help="hidden size")
+    g.add_argument("--draft-layers", type=int, default=4, help="decoder layers")
+    g.add_argument("--draft-heads", type=int, default=4, help="attention heads")
+    g.add_argument("--draft-kv-heads", type=int, default=2, help="key/value heads (GQA)")
+    g.add_argument("--draft-intermediate", type=int, default=320, help="MLP intermediate size (SwiGLU)")
+    g.add_argument("--draft-lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--draft-batch", type=int, default=8, help="sequences per optimizer step")
+    g.add_argument("--draft-minutes", type=float, default=20.0, help="training-loop time budget")
+    g.add_argument("--draft-steps", type=int, default=0, help="fix the step count (overrides minutes); 0 = by minutes")
     g.add_argument("--kd-alpha", type=float, default=0.9,
                    help="draft loss = alpha * KL(target||draft) + (1 - alpha) * CE")
-    g.add_argument("--kd-temperature", type=float, default=1.0)
+    g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of the KL term")
 
     g = parser.add_argument_group("training")
-    g.add_argument("--seq-len", type=int, default=512)
-    g.add_argument("--warmup-steps", type=int, default=100)
-    g.add_argument("--min-lr-ratio", type=float, default=0.1)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--threads", type=int, default=2)
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per training window")
+    g.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warmup")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decay ends at this fraction of the peak")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on matrices only")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
+    g.add_argument("--seed", type=int, default=1234, help="weights, windows and data order")
+    g.add_argument("--threads", type=int, default=2, help="torch threads for training")
     g.add_argument("--no-adaptive-threads", action="store_true",
                    help="keep --threads fixed; by default the loop periodically tries 1 thread vs "
                         "--threads and keeps the faster (a shared box with other CPU load)")
@@ -137,16 +145,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt-minutes", type=float, default=3.0, help="checkpoint interval (wall clock)")
     g.add_argument("--stop-after-steps", type=int, default=0,
                    help="debug: checkpoint and exit after this many optimizer steps in this process")
-    g.add_argument("--no-progress", action="store_true", help="disable tqdm bars")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval-only", action="store_true", help="only evaluate the pair in --out-dir")
+    g.add_argument("--eval-only", action="store_true", help="only evaluate the pair in --out-dir (or the shipped pair)")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     g.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens for loss/perplexity")
     g.add_argument("--num-prompts", type=int, default=20, help="HumanEval prompts (the first N)")
     g.add_argument("--gen-tokens", type=int, default=128, help="greedy target tokens per prompt")
     g.add_argument("--draft-tokens", type=int, default=4, help="draft tokens per step of simulated speculation")
-    g.add_argument("--eval-json", type=Path, default=None, help="also write the eval results here")
+    g.add_argument("--eval-json", type=Path, default=None, help="also write the eval results here (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,17 +167,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    """``python -m hedgerow.server.embedded.train``: ``hedgerow train-pair``, with its error handling."""
+    from hedgerow.server.cli import main as hedgerow_main
+
+    return hedgerow_main(["train-pair", *(sys.argv[1:] if argv is None else argv)])
+
+
+def out_dir(args) -> Path:
+    """Where the pair is written (with ``--eval-only``, read). The shipped pair is never written
+    unless ``--overwrite-embedded`` says so: a training run would replace the models every user's
+    first command runs."""
+    given = None if args.out_dir is None else Path(args.out_dir).expanduser()
+    if args.overwrite_embedded:
+        if given is not None and given.resolve() != EMBEDDED_DIR:
+            raise HedgerowError(f"--overwrite-embedded writes {EMBEDDED_DIR}: it takes no other --out-dir ({given})")
+        return EMBEDDED_DIR
+    if given is None:
+        if args.eval_only:
+            return EMBEDDED_DIR
+        raise HedgerowError("train-pair needs --out-dir DIR, or --overwrite-embedded to replace the shipped pair "
+                            f"in {EMBEDDED_DIR}")
+    if given.resolve() == EMBEDDED_DIR and not args.eval_only:
+        raise HedgerowError(f"--out-dir {given} is the shipped pair's folder: add --overwrite-embedded to replace it")
+    return given
 
 
 def run(args) -> int:
     """Run the pipeline for parsed ``args`` (``--eval-only``: only stage 7); returns the exit status."""
+    args.out_dir = out_dir(args)
     import numpy as np
     import torch
 
+    from hedgerow.server.cli import quiet_transformers
+
+    quiet_transformers()
     torch.set_num_threads(max(1, args.threads))
     args.work_dir = Path(args.work_dir)
-    args.out_dir = Path(args.out_dir)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     log_f = open(args.work_dir / "train_pair.log", "a", encoding="utf-8")
 

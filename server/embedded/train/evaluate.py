@@ -56,20 +56,27 @@ def load_humaneval_prompts(n: int) -> list[str]:
     return prompts
 
 
+def cache_name(model) -> str:
+    """The name of the KV cache in ``model``'s forward arguments and outputs: transformers renamed
+    ``past_key_values`` to ``cache`` during 5.x, and the old name now warns on every call."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def greedy_continue(model, ids: list[int], n: int, stop_id: int | None = None) -> list[int]:
     """Greedy decode n tokens with a KV cache (stops after stop_id if given)."""
     import torch
 
+    name = cache_name(model)
     out = model(input_ids=torch.tensor([ids]), use_cache=True)
-    past = out.past_key_values
     toks: list[int] = []
     nxt = int(out.logits[0, -1].argmax())
     while True:
         toks.append(nxt)
         if len(toks) >= n or (stop_id is not None and nxt == stop_id):
             return toks
-        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=torch.tensor([[nxt]]), use_cache=True, **{name: out[name]})
         nxt = int(out.logits[0, -1].argmax())
 
 

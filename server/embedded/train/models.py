@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hedgerow.server.embedded import CHAT_TEMPLATE
+
 
 def llama_config(vocab_size, hidden, layers, heads, kv_heads, intermediate, eos_id, max_pos):
     from transformers import LlamaConfig
@@ -58,4 +60,5 @@ def export_model(model, tok, path: Path, dtype_name: str = "bfloat16") -> None:
         do_sample=False,
     )
     m.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path, save_jinja_files=False)  # the template inside tokenizer_config.json, as shipped

@@ -91,6 +91,8 @@ class NativeCausalLM(nn.Module):
     """A decoder-only causal LM of the Llama family; ``forward`` gives final-normed hidden states,
     ``logits`` the output head where the caller wants it."""
 
+    impl = "native"
+
     def __init__(self, config: NativeConfig, max_positions: int, device=None, dtype=None):
         super().__init__()
         dtype = dtype or torch.get_default_dtype()
