@@ -14,11 +14,13 @@ from hedgerow.bench.sweep_model import PASS_CONTEXT, pass_times
 
 def build(args, impl: str, needs_draft: bool):
     """One engine (batch 1) of model implementation ``impl``, with the draft loaded when any
-    contender needs it (then every engine has one: the pass times compare the drafts too)."""
+    contender needs it (then every engine has one: the pass times compare the drafts too).
+    ``--compile`` applies to the native engine only: the transformers engine is the path Hedgerow
+    had before its own model code, the reference the native path is measured against."""
     from hedgerow.server.cli import build_engine
 
     ns = argparse.Namespace(**{**vars(args), "mode": "chain" if needs_draft else "plain", "max_batch_size": 1,
-                               "model_impl": impl})
+                               "model_impl": impl, "compile": args.compile if impl != "transformers" else "off"})
     return build_engine(ns)  # validates the speculation flags too
 
 

@@ -152,5 +152,34 @@ def native_section(runs: list[tuple[str, dict]]) -> list[str]:
                         "assessed.", ""]
     headers = ["run", "device", "best mode", "native draft pass / transformers' (≤ 0.5×)", "plain / hf (≥ 1.3×)",
                "best / plain (≥ 2.0×)", "best / hf-assisted (≥ 1.5×)", "tree / chain (≥ 1.0×)", "met"]
-    return lines + _assessment(headers, [(stem, [d["config"]["target_device"], best["name"] if best else "—"], ts)
-                                         for stem, d, (best, ts) in assessed])
+    lines += _assessment(headers, [(stem, [d["config"]["target_device"], best["name"] if best else "—"], ts)
+                                   for stem, d, (best, ts) in assessed])
+    for stem, data, (best, _) in assessed:
+        lines += bound_lines(stem, data, best)
+    return lines
+
+
+def bound_lines(stem: str, data: dict, best: dict | None) -> list[str]:
+    """What bounds the best chain of a run, from its own pass times: a chain step of γ draft tokens
+    costs γ draft passes and one verify pass of γ+1 tokens, so with E tokens per step the speedup
+    over plain decoding is at most E / (γ·c + v), c = draft pass / target pass, v = verify pass /
+    target pass (docs/algorithms.md, the expected-speedup model); 2.0× needs c ≤ (E/2 − v) / γ."""
+    times = (data.get("pass_times") or {}).get("native")
+    specs = {c["name"]: c["spec"] for c in data["config"]["contenders"] if c["spec"]}
+    if not times or best is None or specs[best["name"]]["mode"] != "chain" or not times.get("t_verify"):
+        return []
+    gamma = specs[best["name"]]["draft_tokens"]
+    e = best["mean_accepted_length"]
+    c, v = times["t_draft"] / times["t_target"], times["t_verify"] / times["t_target"]
+    bound = e / (gamma * c + v)
+    need = (e / 2 - v) / gamma
+    why = (f"even a free draft gives at most E / v = {e / v:.2f}×" if need <= 0
+           else f"2.0× needs c ≤ {need:.2f} at this acceptance")
+    return [f"`{stem}`, what bounds {best['name']}: E = {e:.2f} tokens per step, c = {c:.2f}, v = {v:.2f} "
+            f"(a verify pass of {times.get('verify_tokens', gamma + 1)} tokens against a target pass of one), so at "
+            f"most E / (γ·c + v) = {bound:.2f}× over plain decoding (measured {best['tokens_per_second'] / _plain_tps(data):.2f}×); "
+            f"{why}.", ""]
+
+
+def _plain_tps(data: dict) -> float:
+    return next(r["tokens_per_second"] for r in data["results"] if r["name"] == "plain")

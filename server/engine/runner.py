@@ -107,9 +107,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, slots: list[int], flat: FlatBatch) -> torch.Tensor:
         """Run one flattened batch; returns hidden states [B, N, hidden]."""
-        rows_needed = int((flat.prefix_lens + flat.num_nodes).max())
-        if rows_needed > self.max_len:
-            raise ValueError(f"{self.name}: a block needs {rows_needed} KV rows, the cache holds {self.max_len}")
+        if flat.kv_len > self.max_len:  # the rows a pass reads are the rows it needs
+            raise ValueError(f"{self.name}: a block needs {flat.kv_len} KV rows, the cache holds {self.max_len}")
         batch, nodes = flat.tokens.shape
         if self.graphs is not None and self.graphs.accepts(batch, nodes):
             shape = self.graphs.shape(flat)
@@ -117,7 +116,8 @@ class ModelRunner:
             plan = self.plan(slots + [self.cache.scratch_slot] * (shape[0] - batch), padded, view=False)
             key = (*shape, plan.tree is not None)
             return self.graphs(key, plan_args(plan, padded.tokens, padded.positions), batch, nodes)
-        flat = flat.to(self.device)
+        if self.device.type != "cpu":  # batches are built on the CPU
+            flat = flat.to(self.device)
         if self.compiled is not None and self.compiled.accepts(batch, nodes):
             plan = self.plan(slots, flat, view=False)
             return self.compiled(*plan_args(plan, flat.tokens, flat.positions))
