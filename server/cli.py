@@ -198,6 +198,18 @@ def add_spec_args(p: argparse.ArgumentParser, include_mode: bool = True, title: 
     g.add_argument("--tree-topk", type=spec_size("tree_topk"), default=4,
                    help=f"children per expanded node (tree), in {limits('tree_topk')}")
     g.add_argument("--tree-static", action="store_true", help="a fixed top-k rank shape instead of a dynamic tree")
+    g.add_argument("--proposer", default=None, choices=["model", "ngram", "hybrid"],
+                   help="where draft tokens come from: model = the draft model; ngram = prompt lookup, copying what "
+                   "followed the text's own suffix earlier (no draft pass, no draft model needed); hybrid = the draft "
+                   "model's draft with n-gram continuations as extra branches (default: hybrid with a draft model, "
+                   "ngram without)")
+    g.add_argument("--ngram-max", type=spec_size("ngram_max"), default=4,
+                   help=f"n-gram lookup: the longest suffix matched, in tokens, in {limits('ngram_max')}")
+    g.add_argument("--ngram-min", type=spec_size("ngram_min"), default=2,
+                   help=f"n-gram lookup: the shortest suffix matched, in tokens, in {limits('ngram_min')}")
+    g.add_argument("--ngram-pool", type=int_at_least(0), default=0,
+                   help="n-gram lookup: entries of a server-wide pool of n-grams from recent outputs, asked when a "
+                   "request's own text has no match (least recently used dropped first; 0 = no pool)")
     g.add_argument(
         "--adaptive", default="cost", choices=["none", "heuristic", "confidence", "cost"],
         help="draft-size policy (default cost: the draft budget that maximises measured tokens/s, 0 when speculation "
@@ -372,6 +384,7 @@ def build_engine(args):
         spec=spec_from_args(args),
         adaptive=args.adaptive,
         overlap=args.overlap,
+        ngram_pool=args.ngram_pool,
     )
     backend = getattr(args, "attention_backend", "auto")
     if args.compile == "on" and "cpu" in devices:
@@ -398,6 +411,9 @@ def spec_from_args(args):
             tree_depth=args.tree_depth,
             tree_topk=args.tree_topk,
             tree_static=args.tree_static,
+            proposer=args.proposer,
+            ngram_max=args.ngram_max,
+            ngram_min=args.ngram_min,
         )
     except ValueError as exc:  # a caller that built its arguments without the parser
         raise HedgerowError(f"--{str(exc).replace('_', '-')}") from None

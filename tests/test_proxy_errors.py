@@ -7,10 +7,7 @@ client that goes away cancels its gRPC call and frees the KV slot.
 
 from __future__ import annotations
 
-import re
 import signal
-import subprocess
-import sys
 
 import grpc
 import httpx
@@ -18,7 +15,7 @@ import pytest
 
 from hedgerow.server.proxy.backend import grpc_error
 from hedgerow.server.proxy.cli import listen
-from tests.live import TEXT_PROMPTS, LiveProxy
+from tests.live import TEXT_PROMPTS, LiveProxy, ProxyProcess
 
 openai = pytest.importorskip("openai", reason="the proxy tests drive the official client: pip install openai")
 
@@ -180,33 +177,21 @@ def _closed_port() -> int:
 
 @pytest.mark.live
 def test_server_down_is_503_through_hedgerow_proxy(tiny_folders):
-    """``hedgerow proxy`` as its own process (add_arguments/run, as the CLI wires them), pointed at a
-    closed port: it starts, answers 503 in OpenAI's error JSON, and exits 0 on SIGTERM."""
-    script = ("import argparse, sys; from hedgerow.server.proxy import cli as proxy; p = argparse.ArgumentParser(); "
-              "proxy.add_arguments(p); sys.exit(proxy.run(p.parse_args(sys.argv[1:])))")
-    cmd = [sys.executable, "-c", script, "--grpc", f"127.0.0.1:{_closed_port()}", "--port", "0",
-           "--tokenizer", str(tiny_folders["target"])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        ready = re.fullmatch(r"hedgerow: OpenAI API on http://127\.0\.0\.1:(\d+)/v1, gRPC server .*\n", line)
-        assert ready, (line, proc.stderr.read() if proc.poll() is not None else "")
-        url = f"http://127.0.0.1:{ready.group(1)}"
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+    """``hedgerow proxy`` as its own process, pointed at a closed port: it starts, answers 503 in
+    OpenAI's error JSON (naming no address), and exits 0 on SIGTERM."""
+    port = _closed_port()
+    with ProxyProcess("--grpc", f"127.0.0.1:{port}", "--tokenizer", str(tiny_folders["target"])) as p:
+        client = openai.OpenAI(base_url=p.url + "/v1", api_key="x", max_retries=0, timeout=30)
         for call in (client.models.list,
                      lambda: client.completions.create(model="m", prompt="x", max_tokens=2),
                      lambda: client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])):
             with pytest.raises(openai.InternalServerError) as err:
                 call()
             assert err.value.status_code == 503 and err.value.body["code"] == "unavailable"
-            assert "unavailable" in err.value.message
-        assert httpx.get(url + "/health", timeout=10).status_code == 503
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            assert "unavailable" in err.value.message and str(port) not in err.value.message
+        assert httpx.get(p.url + "/health", timeout=10).status_code == 503
+        p.proc.send_signal(signal.SIGTERM)
+        assert p.proc.wait(timeout=30) == 0
 
 
 def cancelled(server) -> float:

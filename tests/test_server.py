@@ -15,31 +15,18 @@ import urllib.request
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hedgerow.drafting.spec import SpecMode
 from hedgerow.server.rpc import generate as stubgen
 from hedgerow.server.rpc import generation_pb2 as pb
 from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
-from tests.live import TEXT_PROMPTS, LiveServer, text_server
+from tests.live import TEXT_PROMPTS, LiveServer, req, text_server
 from tests.tiny import EOS, PROMPTS, hf_greedy, make_engine, nudged_engine, tiny_model
 
 N = 24  # new tokens per request
 EOS_PROMPT = PROMPTS[0]  # the target's greedy output for it ends with EOS after 10 tokens
 SLOW = 0.02  # seconds added to every target pass of slow_server, so requests are surely in flight
-
-
-def req(prompt, n=N, *, rid="", mode=None, stop=(), ignore_eos=False, **sampling) -> pb.GenerateRequest:
-    msg = pb.GenerateRequest(request_id=rid, stopping=pb.StoppingCriteria(max_new_tokens=n, stop=list(stop),
-                                                                         ignore_eos=ignore_eos))
-    if isinstance(prompt, str):
-        msg.prompt = prompt
-    else:
-        msg.prompt_token_ids.extend(prompt)
-    if mode is not None:
-        msg.speculation.mode = mode
-    for k, v in sampling.items():
-        setattr(msg.sampling, k, v)
-    return msg
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +270,9 @@ def test_a_failing_request_fails_alone_with_internal(tiny_tokenizer, references)
         good = [h.stub.Generate.future(req(p), timeout=60) for p in PROMPTS]
         with pytest.raises(grpc.RpcError) as err:
             bad.result()
-        assert err.value.code() == grpc.StatusCode.INTERNAL and "poisoned prompt" in err.value.details()
+        # the client learns which request failed; the reason, a Python exception, is for the log only
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "failed in the engine" in err.value.details()
+        assert "RuntimeError" not in err.value.details() and "poisoned" not in err.value.details()
         assert [list(f.result().token_ids) for f in good] == references
         assert h.sample("hedgerow_requests_total", status="error") == 1
         h.wait_idle()
@@ -426,8 +415,8 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_folders):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        ready = re.fullmatch(r"hedgerow: serving hedgerow\.v1\.Generation on 127\.0\.0\.1:(\d+), metrics on :(\d+)\n",
-                             line)
+        ready = re.fullmatch(r"hedgerow: serving hedgerow\.v1\.Generation on 127\.0\.0\.1:(\d+), "
+                             r"metrics on 127\.0\.0\.1:(\d+)\n", line)
         assert ready, (line, proc.stderr.read() if proc.poll() is not None else "")
         port, metrics_port = map(int, ready.groups())
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -439,17 +428,12 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_folders):
             proc.send_signal(signal.SIGTERM)  # 200 tokens take seconds here: the stream is still going
             while "draining" not in (line := proc.stderr.readline()):
                 assert line, "the server exited without draining"
-            deadline = time.monotonic() + 10
-            while True:  # draining: new requests are refused (once the listener has closed)
-                try:
-                    stub.Generate(req("x", 2), timeout=10)
-                except grpc.RpcError as err:
-                    # gRPC core refuses it: CANCELLED when the call races the shutdown of the
-                    # listener, UNAVAILABLE once it is closed; either way it never runs
-                    assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
-                    break
-                assert time.monotonic() < deadline, "new requests are still accepted"
-                time.sleep(0.02)
+            # draining: health answers NOT_SERVING, new requests are refused, the stream goes on
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(req("x", 2), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
             msgs = list(stream)
             got += [t for m in msgs for t in m.token_ids]
             assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and len(got) == 200

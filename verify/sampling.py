@@ -4,6 +4,9 @@ Plain decoding samples from ``warp(logits)``; speculative verification compares 
 proposals against exactly the same ``warp(logits)`` of the target, so every mode samples from
 the same distribution. Greedy decoding is ``temperature == 0`` and yields a one-hot
 distribution at ``argmax`` (first index on ties, as ``torch.argmax`` and transformers do).
+A positive temperature under ``GREEDY_BELOW`` is greedy too: it is the limit such temperatures
+converge to, reached exactly in float32 (docs/algorithms.md §1.3). Logits are shifted by their
+maximum before the division, so no positive temperature overflows them.
 
 Order of operations (as transformers' default processors): temperature, then top-k, then top-p.
 - top-k keeps the k highest logits; ties at the boundary are broken by token id (stable sort).
@@ -17,10 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
+# float32's smallest normal number, 2**-126: temperatures below it are greedy (docs/algorithms.md §1.3)
+GREEDY_BELOW = 2.0**-126
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling settings. ``temperature == 0`` is greedy and always legal."""
+    """Per-request sampling settings. ``temperature == 0`` (or under ``GREEDY_BELOW``) is greedy and
+    always legal."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0 disables top-k
@@ -39,7 +46,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -47,7 +54,7 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    scaled = logits / params.temperature
+    scaled = (logits - logits.amax(-1, keepdim=True)) / params.temperature  # <= 0: never overflows
     vocab = scaled.shape[-1]
     if params.top_k == 0 and params.top_p >= 1.0:
         return torch.softmax(scaled, dim=-1)

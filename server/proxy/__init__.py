@@ -7,18 +7,22 @@ in ``schema``.
 
 Each HTTP request is one gRPC call (``Generate``, or ``GenerateStream`` when streaming) to the server,
 which tokenizes, generates and applies stop strings. The proxy itself only needs the tokenizer for
-chat: it renders the model's chat template and sends token ids. The tokenizer is loaded from the model
-path the server reports (``ModelInfo.target``) unless ``--tokenizer`` names one; nothing is asked of
-the server before the first request, so the proxy starts even while the server is down.
+chat: it renders the model's chat template and sends token ids. The tokenizer is ``--tokenizer``, or
+the model the server names (``ModelInfo.target``): a Hugging Face id, or ``hedgerow-embedded``, the
+embedded pair this package ships; nothing is asked of the server before the first request, so the
+proxy starts even while the server is down, and it uses a server that comes back within a second.
 
 Mapping: finish reasons EOS and STOP -> ``"stop"``, LENGTH -> ``"length"``, ABORT (server shutting
-down) -> ``"abort"``; gRPC INVALID_ARGUMENT -> 400, RESOURCE_EXHAUSTED -> 429, UNAVAILABLE -> 503,
-DEADLINE_EXCEEDED -> 504, anything else -> 500. A client that disconnects cancels its gRPC call, so
-the server frees the sequence's KV slot at once. Every response carries a ``hedgerow`` object with
-the request's speculation stats (verify_steps, draft_tokens, accepted_tokens, acceptance_rate).
+down) -> ``"abort"``; gRPC INVALID_ARGUMENT -> 400, RESOURCE_EXHAUSTED -> 429 (413 for a message too
+large), UNAVAILABLE -> 503, DEADLINE_EXCEEDED -> 504, anything else -> 500. A client that
+disconnects cancels its gRPC call, so the server frees the sequence's KV slot at once. Every
+response carries a ``hedgerow`` object with the request's speculation stats (verify_steps,
+draft_tokens, accepted_tokens, acceptance_rate).
 
-Modules: ``cli`` (the command line: flags, socket, uvicorn), ``config`` (what a proxy is started
-with), ``app`` (the FastAPI app: routes, the API key, error JSON), ``backend`` (the gRPC client side:
-channel, ModelInfo, tokenizer, gRPC errors as HTTP ones), ``convert`` (OpenAI bodies to protobuf and
-back, chat templates), ``streaming`` (server-sent events) and ``schema`` (the request bodies).
+Modules: ``cli`` (the command line: flags, socket, uvicorn), ``keys`` (the API key and TLS files,
+shared with ``hedgerow serve``), ``config`` (what a proxy is started with), ``guard`` (the API key,
+content type and body size, before a body is read), ``app`` (the FastAPI app: routes, error JSON),
+``backend`` (the gRPC client side: channel, reconnection, ModelInfo, tokenizer, gRPC errors as HTTP
+ones), ``convert`` (OpenAI bodies to protobuf and back, chat templates), ``streaming`` (server-sent
+events) and ``schema`` (the request bodies).
 """

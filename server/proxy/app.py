@@ -1,21 +1,24 @@
-"""The proxy's FastAPI app: the routes, the API key, and OpenAI's error JSON for every refusal.
+"""The proxy's FastAPI app: the routes, and OpenAI's error JSON for every refusal.
 
-``GET /health`` needs no key; ``GET /v1/models[/{model}]``, ``POST /v1/completions`` and
-``POST /v1/chat/completions`` need ``Authorization: Bearer KEY`` when the proxy has one. The routes
-are the methods of ``Proxy``, which holds what they share (the config, and the gRPC backend the app's
-lifespan opens); the wire format is ``convert``'s, streaming ``streaming``'s, and every gRPC failure
-arrives here already an ``ApiError`` (``backend``).
+``GET /health`` needs no key; everything else (``GET /v1/models[/{model}]``, ``POST /v1/completions``,
+``POST /v1/chat/completions``) needs ``Authorization: Bearer KEY`` when the proxy has one, checked by
+``guard`` before any body is read; with a key, FastAPI's ``/docs``, ``/redoc`` and ``/openapi.json``
+are not served. The routes are the methods of ``Proxy``, which holds what they share (the config,
+and the gRPC backend the app's lifespan opens); the wire format is ``convert``'s, streaming
+``streaming``'s, and every gRPC failure arrives here already an ``ApiError`` (``backend``). Anything
+else that fails is a 500 in OpenAI's JSON with no detail (the log has the traceback): no input gets
+a bare 500.
 """
 
 # FastAPI reads the endpoints' annotations at run time, so the classes they name are imported at the
 # top; the command line imports this module only when the proxy runs (fastapi is slow to import).
 import asyncio
-import hmac
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -23,8 +26,11 @@ from starlette.exceptions import HTTPException
 from hedgerow.server.proxy.backend import Backend, call, cancel_on_disconnect
 from hedgerow.server.proxy.config import ProxyConfig
 from hedgerow.server.proxy.convert import Shape, model_card, render_chat, to_proto
+from hedgerow.server.proxy.guard import Guard, error_response
 from hedgerow.server.proxy.schema import ApiError, ChatCompletionRequest, CompletionRequest
 from hedgerow.server.proxy.streaming import stream_response
+
+log = logging.getLogger("hedgerow.proxy")
 
 
 class Proxy:
@@ -43,14 +49,6 @@ class Proxy:
         finally:
             warm.cancel()
             await self.backend.close()
-
-    def authorize(self, request: Request) -> None:
-        if self.config.api_key is None:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.config.api_key.encode()):
-            raise ApiError(401, "Incorrect API key provided: send 'Authorization: Bearer <key>' with the key "
-                                "the proxy was started with (--api-key)", code="invalid_api_key")
 
     async def served_model(self, requested: str | None = None) -> str:
         model = await call(self.backend.model_id())
@@ -90,12 +88,10 @@ class Proxy:
     async def generate(self, request: Request, body, shape: Shape, prompt, prompt_param: str):
         """One gRPC call for one request: ``Generate``, or ``GenerateStream`` when streaming."""
         msg = to_proto(body, shape.id, prompt=prompt)
-        timeout = self.config.request_timeout
+        rpc = await self.backend.generate(msg, stream=body.stream, timeout=self.config.request_timeout)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            rpc = self.backend.stub.GenerateStream(msg, timeout=timeout)
             return await stream_response(request, rpc, shape, include_usage, prompt_param)
-        rpc = self.backend.stub.Generate(msg, timeout=timeout)
         watch = asyncio.create_task(cancel_on_disconnect(request, rpc))
         try:
             return shape.response(await call(rpc, prompt_param=prompt_param))
@@ -105,33 +101,38 @@ class Proxy:
 
 def create_app(config: ProxyConfig) -> FastAPI:
     proxy = Proxy(config)
-    app = FastAPI(title="Hedgerow OpenAI-compatible proxy", lifespan=proxy.lifespan)
+    docs = {} if config.api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="Hedgerow OpenAI-compatible proxy", lifespan=proxy.lifespan, **docs)
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(HTTPException, http_error)
-    key = [Depends(proxy.authorize)]
+    app.add_exception_handler(Exception, internal_error)
     app.add_api_route("/health", proxy.health, methods=["GET"])
-    app.add_api_route("/v1/models", proxy.list_models, methods=["GET"], dependencies=key)
-    app.add_api_route("/v1/models/{model:path}", proxy.get_model, methods=["GET"], dependencies=key)
-    app.add_api_route("/v1/completions", proxy.completions, methods=["POST"], dependencies=key)
-    app.add_api_route("/v1/chat/completions", proxy.chat_completions, methods=["POST"], dependencies=key)
+    app.add_api_route("/v1/models", proxy.list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", proxy.get_model, methods=["GET"])
+    app.add_api_route("/v1/completions", proxy.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", proxy.chat_completions, methods=["POST"])
     return app
 
 
 # --- errors, as OpenAI's JSON --------------------------------------------------------------------
-def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+async def api_error(request: Request, exc: ApiError):
     return error_response(exc)
 
 
-async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def internal_error(request: Request, exc: Exception):
+    """The last resort: a bug of the proxy is a 500 in OpenAI's JSON, its traceback in the log only."""
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(ApiError(500, "internal error in the proxy: its log has the details", type="server_error",
+                                   code="internal_error"))
+
+
+async def invalid_body(request: Request, exc: RequestValidationError):
     return error_response(validation_error(exc.errors()))
 
 
-async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def http_error(request: Request, exc: HTTPException):
     return error_response(ApiError(exc.status_code, str(exc.detail), code=str(exc.status_code)))
 
 

@@ -1,15 +1,16 @@
 """serve an OpenAI-compatible HTTP API (completions, chat, SSE streaming) in front of `hedgerow serve`
 
-    hedgerow proxy --grpc 127.0.0.1:50051 [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    hedgerow proxy --grpc 127.0.0.1:50051 [--host 127.0.0.1] [--port 8000] [--api-key-file FILE]
 
 The command line of the proxy (described in ``hedgerow.server.proxy``): the flags, checked into a
 ``ProxyConfig``, the listening socket, and uvicorn serving the app until SIGTERM. ``hedgerow`` imports
 this module to build its parser, so it imports nothing heavy; the app (fastapi, grpc) and uvicorn
-are imported by ``run``.
+are imported by ``run``. The key is best given in ``$HEDGEROW_API_KEY`` or a file, not on the
+command line (``keys``); the same key is sent on to the gRPC server unless ``--grpc-api-key-file``
+names another.
 """
 
 import argparse
-import os
 import signal
 import socket
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from hedgerow.server.errors import HedgerowError
 from hedgerow.server.proxy.config import ProxyConfig
+from hedgerow.server.proxy.keys import add_key_args, add_tls_args, api_key, read_key_file, read_pem, tls_files
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,18 +27,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the `hedgerow serve` gRPC address (default: 127.0.0.1:50051)")
     g.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on (default: 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port; 0 = any free port (default: 8000)")
-    g.add_argument("--api-key", default=os.environ.get("HEDGEROW_API_KEY"), metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' (default: $HEDGEROW_API_KEY; unset = no key)")
+    add_key_args(g, "every route but /health")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20, metavar="BYTES",
+                   help="larger request bodies get 413 without being read (default: 4194304)")
     g.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="tokenizer for chat templates: HF id or folder (default: the model path the server reports)")
+                   help="tokenizer for chat templates: HF id or folder (default: the model the server names: a "
+                   "Hugging Face id, or the embedded pair; a model served from a folder needs this flag)")
     g.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template replacing the tokenizer's")
     g.add_argument("--served-model-name", default=None, metavar="NAME",
-                   help="the model id clients send and see (default: the server's --target)")
+                   help="the model id clients send and see (default: the name the server reports)")
     g.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="seconds a request may take before 504; 0 = no limit (default: 600)")
     g.add_argument("--drain-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="seconds open requests get to finish after SIGTERM (default: 300)")
+    add_tls_args(g, "HTTPS")
+    g = p.add_argument_group("the gRPC server")
+    g.add_argument("--grpc-api-key-file", default=None, metavar="FILE",
+                   help="the key `hedgerow serve` requires, first line of FILE (default: the proxy's own key)")
+    g.add_argument("--grpc-tls-ca", default=None, metavar="PEM",
+                   help="reach the gRPC server over TLS, trusting the certificates of this file (default: plaintext)")
 
 
 def config_from_args(args) -> ProxyConfig:
@@ -45,8 +55,11 @@ def config_from_args(args) -> ProxyConfig:
         raise HedgerowError(f"--grpc must be HOST:PORT with a port in [1, 65535], got {args.grpc!r}")
     if not 0 <= args.port <= 65535:
         raise HedgerowError(f"--port must be in [0, 65535], got {args.port}")
-    if args.api_key is not None and not args.api_key.strip():
-        raise HedgerowError("--api-key is empty")
+    if args.max_body_bytes < 1:
+        raise HedgerowError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
+    key = api_key(args)
+    grpc_key = read_key_file(args.grpc_api_key_file, "--grpc-api-key-file") if args.grpc_api_key_file else key
+    ca = read_pem(Path(args.grpc_tls_ca).expanduser(), "--grpc-tls-ca") if args.grpc_tls_ca else None
     for flag in ("request_timeout", "drain_timeout"):
         if not getattr(args, flag) >= 0:
             raise HedgerowError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -56,9 +69,10 @@ def config_from_args(args) -> ProxyConfig:
             template = Path(args.chat_template).expanduser().read_text()
         except OSError as exc:
             raise HedgerowError(f"--chat-template {args.chat_template}: {exc.strerror or exc}") from None
-    return ProxyConfig(grpc_target=args.grpc, api_key=args.api_key, tokenizer=args.tokenizer,
+    return ProxyConfig(grpc_target=args.grpc, api_key=key, tokenizer=args.tokenizer,
                        served_model_name=args.served_model_name, chat_template=template,
-                       request_timeout=args.request_timeout or None)
+                       request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
+                       grpc_api_key=grpc_key, grpc_tls_ca=ca)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -81,11 +95,14 @@ def run(args) -> int:
     from hedgerow.server.proxy.app import create_app
 
     config = config_from_args(args)
+    tls = tls_files(args)
     sock = listen(args.host, args.port)
+    ssl = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
     server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning",
-                                           timeout_graceful_shutdown=args.drain_timeout))
+                                           timeout_graceful_shutdown=args.drain_timeout, **ssl))
     port = sock.getsockname()[1]
-    print(f"hedgerow: OpenAI API on http://{args.host}:{port}/v1, gRPC server {args.grpc}", flush=True)
+    scheme = "https" if tls else "http"
+    print(f"hedgerow: OpenAI API on {scheme}://{args.host}:{port}/v1, gRPC server {args.grpc}", flush=True)
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: make that
     # handler a no-op, so that a drained proxy exits 0 (as `hedgerow serve` does)
     signal.signal(signal.SIGTERM, lambda *_: None)

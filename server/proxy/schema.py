@@ -1,8 +1,15 @@
 """OpenAI request bodies the proxy (``hedgerow.server.proxy``) accepts, and what it refuses.
 
-Parsing is pydantic's (types); the checks here are the proxy's (values and support). Every refusal
-is an ``ApiError`` naming the OpenAI parameter, which the proxy returns as OpenAI's error JSON:
+Parsing is pydantic's, strict (``"stream": "yes"`` or ``"max_tokens": true`` are refused, not
+converted); the checks here are the proxy's (values and support). Every refusal is an ``ApiError``
+naming the OpenAI parameter, which the proxy returns as OpenAI's error JSON:
 ``{"error": {"message", "type", "param", "code"}}``.
+
+Values are checked to fit the gRPC message before one is built (integers in their protobuf field's
+range, text that is valid Unicode), so no value a client sends can fail the proxy itself; what they
+mean (a length within the context, a speculation size within ``SPEC_LIMITS``) is the server's to
+check, with the one rule every surface shares, and its refusal reaches the client as a 400 naming
+the parameter.
 
 Unsupported options are refused, never silently ignored: ``n`` > 1, ``best_of`` > 1, ``echo``,
 ``suffix``, ``logprobs``, ``top_logprobs``, ``logit_bias``, non-zero ``presence_penalty`` /
@@ -22,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 SPEC_MODES = ("plain", "chain", "tree")  # the names of pb.SpeculationMode's values, lower-case
+INT32 = 2**31  # int32 fields (max_new_tokens, top_k, speculation sizes) hold values below this
 
 
 class ApiError(Exception):
@@ -46,8 +54,37 @@ def unsupported(param: str, message: str) -> ApiError:
     return ApiError(400, message, param=param, code="unsupported_parameter")
 
 
+def int32(param: str, value: int | None, low: int | None = 0) -> None:
+    """Refuse a value below ``low`` or one its protobuf int32 field cannot hold; ``low`` None: any
+    int32 (the server checks the real range, far inside it)."""
+    if value is None:
+        return
+    if low is None and not -INT32 <= value < INT32:
+        raise bad(param, f"must be a 32-bit integer, got {value}")
+    if low is not None and not low <= value < INT32:
+        raise bad(param, f"must be in [{low}, 2^31), got {value}")
+
+
+def check_text(value, param: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800", which JSON can
+    spell), anywhere in ``value``: it cannot be encoded as UTF-8 for the server."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise bad(param, f"is not valid Unicode text: it holds a lone surrogate at character {exc.start}",
+                      code="invalid_text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, param)
+            check_text(item, f"{param}.{key}" if param else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_text(item, f"{param}[{i}]")
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class SpeculationOptions(_Body):
@@ -89,6 +126,7 @@ class _Generation(_Body):
 
     def check(self) -> None:
         """Raise ApiError for the first value Hedgerow refuses."""
+        check_text(self.model_dump(exclude_none=True), "")
         if self.n not in (None, 1):
             raise unsupported("n", f"n = {self.n} is not supported: Hedgerow returns one choice per request")
         if self.logit_bias:
@@ -102,20 +140,17 @@ class _Generation(_Body):
             raise bad("temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            raise bad("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise bad("seed", f"must be in [0, 2^63), got {self.seed}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        int32("max_tokens", self.max_tokens, low=1)
+        int32("top_k", self.top_k)
         self.stops()
         spec = self.hedgerow.speculation if self.hedgerow else None
         if spec is not None:
             if spec.mode is not None and spec.mode not in SPEC_MODES:
                 raise bad("hedgerow.speculation.mode", f"must be one of {', '.join(SPEC_MODES)}, got {spec.mode!r}")
-            for name in ("draft_tokens", "tree_budget"):
-                if (value := getattr(spec, name)) is not None and value < 0:
-                    raise bad(f"hedgerow.speculation.{name}", f"must be >= 0, got {value}")
+            for name in ("draft_tokens", "tree_budget"):  # their limits: the server's (drafting/spec.py)
+                int32(f"hedgerow.speculation.{name}", getattr(spec, name), low=None)
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -171,14 +206,16 @@ class CompletionRequest(_Generation):
         if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             if not p:
                 raise bad("prompt", "is empty")
-            if any(t < 0 for t in p):
-                raise bad("prompt", "has a negative token id")
+            if not 0 <= min(p) <= max(p) < 2**32:
+                i = next(i for i, t in enumerate(p) if not 0 <= t < 2**32)
+                raise ApiError(400, f"prompt[{i}] = {p[i]} is not a token id (ids are in [0, vocabulary size))",
+                               param="prompt")
             return p
         raise bad("prompt", "must be a string or a list of token ids")
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
@@ -250,8 +287,7 @@ class ChatCompletionRequest(_Generation):
                 raise unsupported("response_format",
                                   f"response_format {kind!r} is not supported: Hedgerow produces text only")
         if self.max_completion_tokens is not None:
-            if self.max_completion_tokens < 1:
-                raise bad("max_completion_tokens", f"must be >= 1, got {self.max_completion_tokens}")
+            int32("max_completion_tokens", self.max_completion_tokens, low=1)
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise bad("max_completion_tokens", "and max_tokens differ: set one of them")
         if not self.messages:

@@ -5,7 +5,8 @@ Who records what:
   speculation counters and token counts, ``record_phases`` for step times, ``record_queue`` when a
   request joins the batch, ``record_prompt`` when one is accepted, ``set_load`` for the gauges;
 - the gRPC edge records what a client saw: ``record_first_token``, ``record_tokens``,
-  ``record_request`` (latency and ``requests_total{status}``), ``record_rejected``.
+  ``record_request`` (latency and ``requests_total{status}``), ``record_rejected``; ``start_server``
+  sets the gauges to 0 before the first request, so that every series exists from the start.
 
 Which steps count as speculative: a step counts in the ``spec_*`` counters and in
 ``spec_acceptance_length`` only when it is a verify step: it sent at least one draft token to
@@ -31,8 +32,10 @@ from hedgerow.server.errors import HedgerowError
 PREFIX = "hedgerow_"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 COUNT_BUCKETS = tuple(float(n) for n in (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64))
-# requests_total{status}: how a request ended (finish reasons), or why it was refused
-STATUSES = ("eos", "length", "stop", "abort", "cancelled", "error", "invalid_argument", "resource_exhausted")
+# requests_total{status}: how a request ended (finish reasons; "cancelled": its client left first), or
+# why it was refused (bad input, queue full, the server draining or its engine gone, no API key)
+STATUSES = ("eos", "length", "stop", "abort", "cancelled", "error", "invalid_argument", "resource_exhausted",
+            "unavailable", "unauthenticated")
 MAX_POSITION = 64  # per-position acceptance is kept for draft positions 1..64
 
 
@@ -137,12 +140,13 @@ class Metrics:
     def text(self) -> str:
         return generate_latest(self.registry).decode()
 
-    def serve(self, port: int, host: str = "0.0.0.0"):
+    def serve(self, port: int, host: str = "127.0.0.1"):
         """Serve ``/metrics`` over HTTP in a daemon thread; returns the HTTP server (``server_port``,
         ``shutdown()``)."""
         try:
             httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
             reason = exc.strerror or exc
-            raise HedgerowError(f"cannot serve metrics on {host}:{port} (--metrics-port): {reason}") from None
+            raise HedgerowError(f"cannot serve metrics on {host}:{port} (--metrics-host/--metrics-port): "
+                                f"{reason}") from None
         return httpd

@@ -1,0 +1,309 @@
+"""The ``hedgerow.v1.Generation`` servicer: a thin edge around the engine thread.
+
+Per request: protobuf -> ``Request`` (``requests``: validated, tokenized on a worker thread) -> the
+engine thread (``hedgerow.server.engine.async_engine``) -> updates -> text (detokenized on a worker
+thread, stop strings applied) -> protobuf. Nothing here touches the engine itself, and nothing that
+grows with a request's size runs on the event loop.
+
+Status codes: bad input -> INVALID_ARGUMENT (also for what the engine refuses: a speculation mode
+this server cannot run, a request_id already in flight; and bytes that do not parse, naming the
+field); waiting queue full -> RESOURCE_EXHAUSTED; the server draining or its engine gone ->
+UNAVAILABLE; a failure inside the engine for this request -> INTERNAL (other requests go on). No
+message carries a Python class name, a path or a traceback: the server log has those. A client that
+cancels, or whose deadline passes, has its sequence aborted and its KV slots freed at once.
+
+Stop strings are the edge's business: the engine knows tokens, not text. When the text so far
+contains a stop string, the text is cut just before it, the sequence is aborted (finish reason
+STOP) and the response ends. Streamed text never includes a stop string: text that could still
+turn out to begin one is held back until it cannot. ``token_ids`` report every committed token.
+
+Shutdown (``grpc_service.GrpcServer.stop``): ``drain`` refuses new requests while those in flight
+go on; ``close`` marks the engine's end as a shutdown, so the ABORT update each open request then
+gets becomes its last message, FINISH_REASON_ABORT with the tokens so far. An ABORT update without
+``close`` means the engine thread died: the request fails with UNAVAILABLE and ``engine_died`` is
+called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import grpc
+
+from hedgerow.server.detokenize import IncrementalDetokenizer
+from hedgerow.server.engine.async_engine import AsyncEngine, Update
+from hedgerow.server.engine.sequence import FinishReason
+from hedgerow.server.errors import HedgerowError, OverloadedError
+from hedgerow.server.rpc import generation_pb2 as pb
+from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
+from hedgerow.server.service.requests import MODE_NAMES, RequestConverter, ServiceConfig
+from hedgerow.server.service.wire import Undecodable
+
+log = logging.getLogger("hedgerow.grpc")
+
+FINISH = {
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+
+
+class RequestFailed(Exception):
+    """The engine failed this request (INTERNAL)."""
+
+
+class Unavailable(Exception):
+    """The server cannot take or finish this request (UNAVAILABLE); ``refused``: it never reached
+    the engine (counted as ``unavailable``; one that did is counted by how it ended)."""
+
+    def __init__(self, message: str, refused: bool):
+        super().__init__(message)
+        self.refused = refused
+
+
+@dataclass
+class _Piece:
+    """One message's worth: a step's tokens, the text they complete, and the end if it is one."""
+
+    update: Update
+    text: str
+    finish_reason: FinishReason | None
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, async_engine: AsyncEngine, tokenizer, config: ServiceConfig, pool: Executor,
+                 engine_died=lambda: None):
+        engine = async_engine.engine  # read here only for constants (frozen config, vocabulary)
+        self.engine = async_engine
+        self.tokenizer = tokenizer
+        self.config = config
+        self.pool = pool  # tokenizing and detokenizing
+        self.metrics = async_engine.metrics
+        self.engine_died = engine_died
+        self.convert = RequestConverter(tokenizer, vocab_size=engine.target.vocab_size,
+                                        max_model_len=engine.config.max_model_len,
+                                        default_spec=engine.config.spec, config=config, pool=pool)
+        self.info = pb.ModelInfoResponse(
+            target=config.target_name, draft=config.draft_name, vocab_size=engine.target.vocab_size,
+            max_model_len=engine.config.max_model_len, eos_token_ids=sorted(engine.eos_token_ids),
+            default_speculation=pb.SpeculationParams(
+                mode=MODE_NAMES[engine.config.spec.mode], draft_tokens=engine.config.spec.draft_tokens,
+                tree_budget=engine.config.spec.tree_budget),
+            max_batch_size=engine.config.max_batch_size,
+            default_max_new_tokens=min(config.default_max_new_tokens, engine.config.max_model_len),
+        )
+        self.refusing: str | None = None  # why new requests are refused (draining, engine gone)
+        self.closing = False  # the engine is being closed on purpose: an ABORT update is a shutdown
+        self.active = 0  # requests whose handler is running
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    # --- lifecycle (grpc_service.GrpcServer) -----------------------------------------------------
+    def drain(self, why: str = "the server is shutting down") -> None:
+        """Refuse new requests from now on; those in flight go on."""
+        self.refusing = self.refusing or why
+
+    def close(self) -> None:
+        """The engine is about to be closed: its ABORT updates end requests as a shutdown."""
+        self.drain()
+        self.closing = True
+
+    # --- RPCs ------------------------------------------------------------------------------------
+    async def Generate(self, request, context) -> pb.GenerateResponse:
+        text, ids, last = [], [], None
+        self._enter()
+        try:
+            async with aclosing(self._generate(request, context)) as pieces:
+                async for piece in pieces:
+                    text.append(piece.text)
+                    ids.extend(piece.update.token_ids)
+                    last = piece
+        except Exception as exc:
+            await self._abort(context, exc)
+        finally:
+            self._leave()
+        return pb.GenerateResponse(request_id=last.update.request_id, text="".join(text), token_ids=ids,
+                                   finish_reason=FINISH[last.finish_reason], usage=_usage(last.update),
+                                   stats=_stats(last.update))
+
+    async def GenerateStream(self, request, context):
+        self._enter()
+        try:
+            async with aclosing(self._generate(request, context)) as pieces:
+                async for piece in pieces:
+                    msg = pb.GenerateStreamResponse(request_id=piece.update.request_id, text=piece.text,
+                                                    token_ids=piece.update.token_ids)
+                    if piece.finish_reason is not None:
+                        msg.finish_reason = FINISH[piece.finish_reason]
+                        msg.usage.CopyFrom(_usage(piece.update))
+                        msg.stats.CopyFrom(_stats(piece.update))
+                    yield msg
+        except Exception as exc:
+            await self._abort(context, exc)
+        finally:
+            self._leave()
+
+    async def ModelInfo(self, request, context) -> pb.ModelInfoResponse:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return self.info
+
+    # --- one request -----------------------------------------------------------------------------
+    def _enter(self) -> None:
+        self.active += 1
+        self.idle.clear()
+
+    def _leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.idle.set()
+
+    async def _abort(self, context, exc: Exception) -> None:
+        """Map an exception to a status code and a message for the client (the one place that
+        does), count refusals, and end the RPC."""
+        if isinstance(exc, OverloadedError):
+            self.metrics.record_rejected("resource_exhausted")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if isinstance(exc, HedgerowError):
+            self.metrics.record_rejected("invalid_argument")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(exc, Unavailable):
+            if exc.refused:
+                self.metrics.record_rejected("unavailable")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if isinstance(exc, RequestFailed):
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        log.error("unexpected error", exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error: the server log has the details")
+
+    def _check_open(self) -> None:
+        if self.refusing is not None:
+            raise Unavailable(f"{self.refusing}: retry on another server or later", refused=True)
+
+    async def _text(self, detok: IncrementalDetokenizer, token_ids: tuple[int, ...], final: bool) -> str:
+        """The whole text so far once ``token_ids`` are added, decoded on a worker thread."""
+        def decode() -> str:
+            detok.push(list(token_ids))
+            if final:
+                detok.flush()
+            return detok.emitted
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, decode)
+
+    async def _generate(self, msg, context):
+        """The request's pieces, one per engine step; raises HedgerowError (refused), Unavailable or
+        RequestFailed. However the RPC ends (client gone, deadline), the sequence is aborted, and
+        ``requests_total`` counts how it ended (refusals are counted by ``_abort``)."""
+        arrived = time.perf_counter()
+        outcome = None  # what requests_total{status} records; None: nothing (a refusal)
+        stream = None
+        try:
+            if isinstance(msg, Undecodable):
+                raise HedgerowError(msg.reason)
+            self._check_open()
+            request, stops = await self.convert(msg)
+            self._check_open()  # the server may have begun draining while the prompt was tokenized
+            try:
+                stream = self.engine.submit(request)
+            except RuntimeError:  # the engine thread is gone
+                self.engine_died()
+                raise Unavailable("the server's engine stopped; the server is restarting", refused=True) from None
+            outcome = "cancelled"  # until it ends otherwise
+            context.add_done_callback(lambda _: stream.cancel())
+            async with aclosing(self._pieces(stream, stops, arrived)) as pieces:
+                async for piece in pieces:
+                    if piece.finish_reason is not None:  # recorded before the client can see the end
+                        outcome = None
+                        self.metrics.record_request(piece.finish_reason.value, time.perf_counter() - arrived)
+                    yield piece
+        except HedgerowError:  # bad input, or refused by the engine at submission
+            outcome = None
+            raise
+        except Unavailable as exc:
+            outcome = None if exc.refused else "error"
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            if stream is not None:
+                stream.cancel()
+                if outcome == "cancelled":  # ended early: by the client, or after the engine had finished?
+                    outcome = _finished_unread(stream) or outcome
+            if outcome is not None:
+                self.metrics.record_request(outcome, time.perf_counter() - arrived)
+
+    async def _pieces(self, stream, stops: tuple[str, ...], arrived: float):
+        """A submitted request's pieces, until one carries the finish reason."""
+        detok = IncrementalDetokenizer(self.tokenizer)
+        longest = max(map(len, stops), default=0)
+        sent = 0  # characters of text already handed out
+        last_tokens = None  # time the previous tokens arrived
+        async for update in stream:
+            if update.error is not None:
+                log.error("request %s failed in the engine: %s", update.request_id, update.error)
+                raise RequestFailed(f"request {update.request_id} failed in the engine; the server log has the reason")
+            if update.finish_reason is FinishReason.ABORT and not self.closing:
+                self.engine_died()
+                raise Unavailable("the server's engine stopped; the server is restarting", refused=False)
+            now = time.perf_counter()
+            if update.token_ids:
+                if last_tokens is None:
+                    self.metrics.record_first_token(now - arrived)
+                else:
+                    self.metrics.record_tokens(len(update.token_ids), now - last_tokens)
+                last_tokens = now
+            before = len(detok.emitted)
+            reason = update.finish_reason
+            text = await self._text(detok, update.token_ids, final=reason is not None)
+            cut = _find_stop(text, stops, max(0, before - longest + 1)) if stops else None
+            if cut is not None:
+                text, reason = text[:cut], FinishReason.STOP
+                stream.cancel(FinishReason.STOP)
+            end = len(text) if reason is not None else max(sent, _safe_end(text, stops, longest))
+            yield _Piece(update, text[sent:end], reason)
+            sent = end
+            if reason is not None:
+                return
+
+
+def _finished_unread(stream) -> str | None:
+    """How a request ended in the engine if its last update is already queued but was never read
+    (its client left between the engine finishing it and the handler reading that): counted so,
+    not as cancelled."""
+    while not stream.queue.empty():
+        item = stream.queue.get_nowait()
+        if isinstance(item, Update) and item.error is not None:
+            return "error"
+        if isinstance(item, Update) and item.finish_reason is not None:
+            return item.finish_reason.value
+    return None
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    """Index of the earliest stop string in ``text[start:]``, if any."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _safe_end(text: str, stops: tuple[str, ...], longest: int) -> int:
+    """How much of ``text`` can be sent: all but a tail that may be the start of a stop string."""
+    for i in range(max(0, len(text) - longest + 1), len(text)):
+        tail = text[i:]
+        if any(s.startswith(tail) for s in stops):
+            return i
+    return len(text)
+
+
+def _usage(u: Update) -> pb.Usage:
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
+
+
+def _stats(u: Update) -> pb.Stats:
+    return pb.Stats(verify_steps=u.verify_steps, draft_tokens=u.draft_tokens, accepted_tokens=u.accepted_tokens)
