@@ -1,7 +1,7 @@
 """Pieces every benchmark shares: the machine it ran on, the command line that reproduces a run,
 acceptance summaries, and writing the JSON evidence.
 
-Every benchmark JSON has the same top level: ``config`` (with ``kind``: offline, serve or sweep;
+Every benchmark JSON has the same top level: ``config`` (with ``kind``: offline, serve, sweep, gpu or soak;
 ``schema_version``; ``command``: the ``hedgerow bench ...`` line that reproduces it; ``machine``) and
 ``results``. Schema version 2 uses the names of docs/glossary.md; version 1 files are read through
 ``bench/results.py``'s ``current_names``.

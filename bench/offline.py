@@ -4,6 +4,8 @@ Every figure is a ratio measured in one run: same machine, same models, same pro
 
     plain         Hedgerow, plain decoding (one target pass per token): the reference for speedups
     chain[@G]     Hedgerow, chain drafts of G tokens (default --draft-tokens)
+    MODE/PROPOSER a mode whose drafts come from the draft model (model), n-gram lookup (ngram) or both
+                  (hybrid); default --proposer, whose default is the engine's (hybrid with a draft model)
     tree[@B]      Hedgerow, dynamic (EAGLE-2 style) trees of B nodes (default --tree-budget)
     tree-static[@B]  Hedgerow, a static top-k rank tree of B nodes
     MODE:IMPL     a mode on the native models or transformers' modules (default: --model-impl)
@@ -44,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_model_args(p)
     g = p.add_argument_group("workload")
-    g.add_argument("--prompts", default="humaneval", help="humaneval, mtbench or FILE.jsonl (default: humaneval)")
+    g.add_argument("--prompts", default="humaneval",
+                   help="humaneval, humaneval-edit, mtbench or FILE.jsonl (default: humaneval)")
     g.add_argument("--num-prompts", type=int, default=10, help="the first N prompts of the set (default: 10)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default: 128)")
     g.add_argument("--repeats", type=int, default=1, help="passes over the prompts (default: 1)")
@@ -55,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling: prompt i of repeat r uses seed + r * N + i")
     g = p.add_argument_group("contenders")
     g.add_argument("--modes", type=csv(str, "--modes"), default=["plain", "chain", "tree"],
-                   help="Hedgerow modes: plain, chain[@G], tree[@B], tree-static[@B], each optionally :native or "
+                   help="Hedgerow modes: plain, chain[@G], tree[@B], tree-static[@B], each optionally /model, /ngram "
+                   "or /hybrid (its proposer; default --proposer) and :native or "
                    ":transformers, the model code it runs on (default: plain,chain,tree on --model-impl)")
     g.add_argument("--baselines", type=csv(str, "--baselines"), default=["hf", "hf-assisted"],
                    help="hf, hf-assisted, or none (default: hf,hf-assisted)")

@@ -1,9 +1,10 @@
 """The contenders of ``hedgerow bench offline``, and one timed generation through each.
 
 Hedgerow's modes (``plain``, ``chain[@G]``, ``tree[@B]``, ``tree-static[@B]``, each optionally
-``:native`` or ``:transformers``) run through a Hedgerow engine (batch 1) of their model
-implementation, one engine per implementation, with a per-request ``SpecParams``: so one run
-measures the native fast path against transformers' modules driven by the same engine. The
+``/model``, ``/ngram`` or ``/hybrid``, its proposer, and ``:native`` or ``:transformers``) run
+through a Hedgerow engine (batch 1) of their model implementation, one engine per implementation,
+with a per-request ``SpecParams``: so one run measures the native fast path against transformers'
+modules driven by the same engine, and the proposers against each other. The
 baselines are transformers' ``generate`` (``hf``) and assisted generation (``hf-assisted``, its
 default schedule) on transformers' own models of the same weights, with SDPA attention.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 from hedgerow.server.errors import HedgerowError
 
 ENGINE_MODES = ("plain", "chain", "tree", "tree-static")
+PROPOSERS = ("model", "ngram", "hybrid")
 IMPLS = ("native", "transformers")
 BASELINES = ("hf", "hf-assisted")
 
@@ -31,12 +33,13 @@ class Contender:
 
     @property
     def uses_draft(self) -> bool:
-        return self.kind == "hf-assisted" or (self.kind == "engine" and self.spec.mode.value != "plain")
+        return self.kind == "hf-assisted" or (self.kind == "engine" and self.spec.uses_model)
 
 
 def parse_contenders(args) -> list[Contender]:
     """``--modes`` then ``--baselines``; every mode takes the speculation flags, ``@N`` overriding
-    the draft tokens (chain) or the tree budget (tree, tree-static), ``:IMPL`` the run's
+    the draft tokens (chain) or the tree budget (tree, tree-static), ``/PROPOSER`` the run's
+    ``--proposer`` (whose default is the engine's: hybrid with a draft model), ``:IMPL`` the run's
     ``--model-impl``."""
     from hedgerow.server.cli import spec_from_args
     from hedgerow.server.engine.sequence import SpecMode
@@ -48,18 +51,21 @@ def parse_contenders(args) -> list[Contender]:
     out: list[Contender] = []
     for name in args.modes:
         head, colon, impl = name.partition(":")
+        head, slash, proposer = head.partition("/")
         mode, _, n = head.partition("@")
         if (mode not in ENGINE_MODES or (n and (not n.isdigit() or mode == "plain"))
-                or (colon and impl not in IMPLS)):
+                or (slash and (proposer not in PROPOSERS or mode == "plain")) or (colon and impl not in IMPLS)):
             raise HedgerowError(f"--modes: {name!r} is not one of plain, chain[@G], tree[@B], tree-static[@B], "
-                                "each optionally followed by :native or :transformers")
+                                "each optionally followed by /model, /ngram or /hybrid (not plain), then by :native "
+                                "or :transformers")
+        own = replace(base, proposer=proposer) if slash else base
         if mode == "plain":
-            spec = replace(base, mode=SpecMode.PLAIN)
+            spec = replace(own, mode=SpecMode.PLAIN)
         elif mode == "chain":
-            spec = replace(base, mode=SpecMode.CHAIN, draft_tokens=int(n) if n else base.draft_tokens)
+            spec = replace(own, mode=SpecMode.CHAIN, draft_tokens=int(n) if n else own.draft_tokens)
         else:
-            spec = replace(base, mode=SpecMode.TREE, tree_static=mode == "tree-static" or base.tree_static,
-                           tree_budget=int(n) if n else base.tree_budget)
+            spec = replace(own, mode=SpecMode.TREE, tree_static=mode == "tree-static" or own.tree_static,
+                           tree_budget=int(n) if n else own.tree_budget)
         out.append(Contender(name, "engine", spec, impl if colon else args.model_impl))
     for name in args.baselines:
         if name == "none":
@@ -79,6 +85,7 @@ def describe(c: Contender) -> dict:
     if c.spec is not None:
         spec = dataclasses.asdict(c.spec)
         spec["mode"] = c.spec.mode.value
+        spec["proposer"] = c.spec.proposer.value if c.spec.proposer is not None else None
     return {"name": c.name, "kind": c.kind, "spec": spec, "model_impl": c.impl}
 
 

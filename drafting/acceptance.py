@@ -19,24 +19,31 @@ class AcceptanceStats:
     keep the policy from ever drafting there and finding out.
     """
 
-    def __init__(self, positions: int, prior: float = 0.6, decay: float = 0.9):
+    def __init__(self, positions: int, prior: float = 0.6, decay: float = 0.9, prior_strength: float = 2.0):
         self.hits = [prior] * positions
         self.weight = [0.0] * positions
+        self.seen = [0] * positions  # observations per position
         self.prior = prior
         self.decay = decay
+        self.prior_strength = prior_strength  # the prior counts as this many observations
 
     def copy(self, decay: float) -> "AcceptanceStats":
         """A new estimate that starts where this one is (a sequence starts from the pair's)."""
-        out = AcceptanceStats(len(self.hits), self.prior, decay)
-        out.hits, out.weight = list(self.hits), list(self.weight)
+        out = AcceptanceStats(len(self.hits), self.prior, decay, self.prior_strength)
+        out.hits, out.weight, out.seen = list(self.hits), list(self.weight), list(self.seen)
         return out
 
     def observe(self, drafted: int, accepted: int) -> None:
         # positions 1..accepted were accepted; accepted+1 (if drafted) was rejected
+        # the first observations are averaged with the prior (worth ``prior_strength`` of them),
+        # then the estimate fades at ``decay``: a few steps undo a wrong prior, and a long run
+        # still follows the sequence as its text changes
         for i in range(min(drafted, accepted + 1, len(self.hits))):
             hit = 1.0 if i < accepted else 0.0
-            self.hits[i] = self.decay * self.hits[i] + (1 - self.decay) * hit
-            self.weight[i] = self.decay * self.weight[i] + (1 - self.decay)
+            step = max(1 - self.decay, 1 / (self.seen[i] + self.prior_strength + 1))
+            self.seen[i] += 1
+            self.hits[i] += step * (hit - self.hits[i])
+            self.weight[i] += step * (1.0 - self.weight[i])
 
     def relax(self, toward: "AcceptanceStats", rate: float) -> None:
         """Move a fraction ``rate`` of the way to ``toward``: a sequence that stopped drafting

@@ -110,7 +110,8 @@ class ChainProposer:
         return out
 
     @staticmethod
-    def commit(seq: DraftSequence, tree: DraftTree, num_accepted: int) -> None:
-        """Keep the draft rows of accepted draft tokens (d_1 .. d_(n-1) have rows)."""
-        if tree.num_draft_tokens:
-            seq.draft_len += min(num_accepted, tree.num_draft_tokens - 1)
+    def commit(seq: DraftSequence, drafted: int, accepted: int) -> None:
+        """Keep the draft rows of the accepted ones of the ``drafted`` tokens this chain drafted
+        (d_1 .. d_(n-1) have rows)."""
+        if drafted:
+            seq.draft_len += min(accepted, drafted - 1)

@@ -9,8 +9,12 @@ steps that drafted and of plain steps scale its predictions (whatever the linear
 commit, streaming, threads contending for cores). A plain step runs now and then to keep that
 figure fresh while speculation wins.
 
+N-gram nodes (drafting/ngram_plan.py) cost no draft pass, only their verify tokens: every plan of
+model sizes is scored with each sequence's best n-gram continuation length, priced by the verify
+line's slope, so model drafts, n-gram drafts, both or none win per measured tokens per second.
+
 Trees, whose cost is not modelled, compare the measured tokens per second of tree and plain steps
-instead (drafting/arms.py).
+instead (drafting/arms.py); a tree step takes the n-gram nodes lookup offers.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Sequence
 from hedgerow.drafting.acceptance import AcceptanceStats
 from hedgerow.drafting.arms import MeasuredArms
 from hedgerow.drafting.costs import CostModel, MeasurePass, batch_bucket
+from hedgerow.drafting.ngram_plan import NO_NGRAM, NgramOptions, NgramPricing
 from hedgerow.drafting.plan import Policy, StepPlan, StepReport
 from hedgerow.drafting.spec import SpecMode
 
@@ -60,12 +65,14 @@ class CostPolicy(Policy):
         probe_every: int = 32,
         probe_steps: int = 3,
         relax: float = 0.1,
-        acceptance_prior: float = 0.6,
+        acceptance_prior: float = 0.8,
     ):
         self.costs = costs if costs is not None else CostModel()
         # the pair's acceptance over all sequences: slower than a sequence's own, which relaxes
-        # toward it while the sequence is not drafting
-        self.pair_acceptance = AcceptanceStats(max_draft_tokens, prior=acceptance_prior, decay=0.98)
+        # toward it while the sequence is not drafting. Its prior is optimistic: a pair starts out
+        # drafting and learns its real rate from the first steps (a pessimistic prior would keep a
+        # good pair from ever drafting enough to find out; a bad pair costs a few steps)
+        self.pair_acceptance = AcceptanceStats(max_draft_tokens, prior=acceptance_prior, decay=0.98, prior_strength=8)
         self.max_draft_tokens = max_draft_tokens
         self.probe_every = probe_every
         self.relax = relax
@@ -79,6 +86,7 @@ class CostPolicy(Policy):
         self._plain_gap: dict[int, int] = {}
         self._last_plain: dict[int, int] = {}
         self.tree_arms = MeasuredArms(probe_every, probe_steps)
+        self.ngram = NgramPricing(max_draft_tokens)
 
     def calibrate(self, measure: MeasurePass) -> None:
         self.costs.calibrate(measure)
@@ -94,26 +102,30 @@ class CostPolicy(Policy):
 
     # --- plan ---------------------------------------------------------------------------------
     def plan(self, seqs, rooms):
-        sizes = [0] * len(seqs)
+        sizes, ngram = [0] * len(seqs), [0] * len(seqs)
         chains = [i for i, s in enumerate(seqs) if s.spec.mode is SpecMode.CHAIN]
         trees = [i for i, s in enumerate(seqs) if s.spec.mode is SpecMode.TREE]
         chain_basis = None
         if chains:
             caps = [min(self.max_draft_tokens, rooms[i].cap(seqs[i].spec)) for i in chains]
-            gammas, chain_basis = self._plan_chains([seqs[i] for i in chains], caps)
-            for i, g in zip(chains, gammas):
-                sizes[i] = g
+            options = self.ngram.options([seqs[i] for i in chains], [rooms[i] for i in chains], self.max_draft_tokens)
+            gammas, lengths, chain_basis = self._plan_chains([seqs[i] for i in chains], caps, options)
+            for i, g, h in zip(chains, gammas, lengths):
+                sizes[i], ngram[i] = g, h
         if trees and self.tree_arms.choose():
             for i in trees:
-                sizes[i] = rooms[i].cap(seqs[i].spec)
-        return StepPlan(sizes, basis=_Basis(chain_basis, bool(trees)))
+                sizes[i], ngram[i] = rooms[i].cap(seqs[i].spec), rooms[i].ngram_cap(seqs[i].spec)
+        return StepPlan(sizes, basis=_Basis(chain_basis, bool(trees)), ngram=ngram)
 
-    def _plan_chains(self, seqs, caps: list[int]) -> tuple[list[int], _ChainBasis | None]:
-        """The model's plan, its step times scaled by what this batch size has measured."""
+    def _plan_chains(
+        self, seqs, caps: list[int], options: NgramOptions
+    ) -> tuple[list[int], list[int], _ChainBasis | None]:
+        """The model's plan and the n-gram lengths that go with it, its step times scaled by what
+        this batch size has measured."""
         self.steps += 1
         bucket = batch_bucket(len(seqs))
         scale = self._scale.setdefault(bucket, {True: None, False: None})
-        gammas = self.model_plan(seqs, caps, scale)
+        gammas = self.model_plan(seqs, caps, scale, options)
         probe = None
         if self.steps % self.probe_every == 0:
             # keep acceptance estimates alive where drafting stopped: the sequence that has gone
@@ -141,21 +153,29 @@ class CostPolicy(Policy):
                 self._state(s).acceptance.relax(self.pair_acceptance, self.relax)
             else:
                 self._state(s).drafted_at = self.steps
+        # the n-gram lengths for the final sizes, priced unscaled like the prediction they join
+        expected = [self._state(s).acceptance.expected_prefix(cap) for s, cap in zip(seqs, caps)]
+        _, predicted, lengths = options.add(expected, gammas, sum(e[g] for e, g in zip(expected, gammas)),
+                                            self.costs.step_time(gammas), self.costs.verify.b)
+        self.ngram.chosen(seqs, options, lengths)
         # a probe step is no sample of the plan's cost (its catch-up is a switch's)
-        basis = None if probe is not None else _ChainBasis(scale, drafting, self.costs.step_time(gammas))
-        return gammas, basis
+        basis = None if probe is not None else _ChainBasis(scale, drafting, predicted)
+        return gammas, lengths, basis
 
-    def model_plan(self, seqs, caps: Sequence[int], scale: dict[bool, float | None]) -> list[int]:
+    def model_plan(self, seqs, caps: Sequence[int], scale: dict[bool, float | None],
+                   ngram: NgramOptions = NO_NGRAM) -> list[int]:
         """Scan one size shared by the batch (expected tokens are not concave in the size: 1 draft
         token can lose to plain decoding while 4 win), then move single sequences by +-1 while the
-        predicted tokens per second of the whole step improve. ``scale``: measured / predicted
-        seconds of drafting and of plain steps."""
+        predicted tokens per second of the whole step, with its best n-gram lengths, improve.
+        ``scale``: measured / predicted seconds of drafting and of plain steps."""
         expected = [self._state(s).acceptance.expected_prefix(cap) for s, cap in zip(seqs, caps)]
         factor = {k: 1.0 if v is None else v for k, v in scale.items()}
 
         def rate(gammas: list[int]) -> float:
-            seconds = self.costs.step_time(gammas) * factor[any(gammas)]
-            return sum(e[g] for e, g in zip(expected, gammas)) / max(seconds, 1e-9)
+            f = factor[any(gammas)]
+            tokens, seconds, _ = ngram.add(expected, gammas, sum(e[g] for e, g in zip(expected, gammas)),
+                                           self.costs.step_time(gammas) * f, self.costs.verify.b * f)
+            return tokens / max(seconds, 1e-9)
 
         gammas = max(([min(g, c) for c in caps] for g in range(max(caps, default=0) + 1)), key=rate)
         best = rate(gammas)
@@ -178,6 +198,7 @@ class CostPolicy(Policy):
             if drafted:
                 self._state(s).acceptance.observe(drafted, accepted)
                 self.pair_acceptance.observe(drafted, accepted)
+        self.ngram.observe(report)
         seconds = report.seconds
         self.costs.observe(report.verify_tokens, seconds.verify, report.draft_passes, seconds.draft)
         basis: _Basis = report.plan.basis or _Basis(None, False)  # a step it did not plan: acceptance and costs only
@@ -186,5 +207,8 @@ class CostPolicy(Policy):
         chain = basis.chain
         if chain is not None and chain.drafting == report.speculated and chain.predicted > 0:
             # not when every chain stopped before drafting
+            # from 1.0 (the model as calibrated), not from the first sample: a kind of step's first
+            # run is often its slowest (cold caches, the first catch-up), and one sample must not
+            # rule it out for the many steps it takes the relaxation to bring it back
             d, old, ratio = self.scale_decay, chain.scale[chain.drafting], seconds.total / chain.predicted
-            chain.scale[chain.drafting] = ratio if old is None else d * old + (1 - d) * ratio
+            chain.scale[chain.drafting] = d * (1.0 if old is None else old) + (1 - d) * ratio

@@ -7,6 +7,9 @@
 - ``cost`` (default; drafting/cost_policy.py): the size that maximises expected tokens per second,
   0 (plain decoding) when speculation does not pay.
 
+Every policy plans the draft model's sizes; n-gram nodes, which cost no draft pass, are taken as
+lookup offers them (``ngram_sizes``), except under ``cost``, which prices them too.
+
 Every policy only decides *how much* to draft, before the tokens are drawn (or, for
 ``confidence``, whether a kept token gets a successor), so all of them stay lossless.
 """
@@ -18,7 +21,7 @@ import weakref
 import torch
 
 from hedgerow.drafting.cost_policy import CostPolicy
-from hedgerow.drafting.plan import Policy, StepPlan
+from hedgerow.drafting.plan import Policy, StepPlan, ngram_sizes
 
 POLICIES = ("none", "heuristic", "confidence", "cost")
 
@@ -32,8 +35,9 @@ class HeuristicPolicy(Policy):
     def plan(self, seqs, rooms):
         sizes = []
         for s, r in zip(seqs, rooms):
-            sizes.append(min(self._size.setdefault(s, s.spec.configured_size), r.limit(s.spec)))
-        return StepPlan(sizes)
+            size = min(self._size.setdefault(s, s.spec.configured_size), r.limit(s.spec))
+            sizes.append(size if s.spec.uses_model else 0)
+        return StepPlan(sizes, ngram=ngram_sizes(seqs, rooms))
 
     def observe(self, report):
         for s, drafted, accepted in zip(report.seqs, report.drafted, report.accepted):
@@ -50,7 +54,8 @@ class ConfidencePolicy(Policy):
         self.max_entropy = max_entropy
 
     def plan(self, seqs, rooms):
-        return StepPlan(super().plan(seqs, rooms).sizes, stop_drafting=self.unsure)
+        base = super().plan(seqs, rooms)
+        return StepPlan(base.sizes, stop_drafting=self.unsure, ngram=base.ngram)
 
     def unsure(self, probs: torch.Tensor) -> bool:
         top = float(probs.max())

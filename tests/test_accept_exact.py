@@ -9,7 +9,8 @@ target's own joint distribution. Tokens past the end of one step come from the t
 the next step reproduces by induction).
 
 The biased rules of algorithms.md §2.4 (and the classic "resample from p" chain mistake) are run
-through the same harness as negative controls: the harness must see their bias.
+through the same harness as negative controls: the harness must see their bias. So are the mixed
+rule of §2.7 (draws from q beside n-gram point masses) and its three biased variants.
 """
 
 import itertools
@@ -212,3 +213,99 @@ def test_sampling_walk_draws_from_the_exact_distribution():
     want[2] += oc_root.accept_probs[0]
     want[4] += oc_root.accept_probs[1]
     assert (counts / n - want).abs().max() < 0.015
+
+
+# --- mixed children: sampled by the draft model, deterministic from n-gram lookup (algorithms.md §2.7)
+def ngram_tokens(prefix: tuple, m: int) -> list[int]:
+    """What lookup proposes after ``prefix``: m distinct tokens fixed by the prefix alone."""
+    g = torch.Generator().manual_seed(hash((999,) + prefix) % 2**31)
+    return torch.randperm(V, generator=g)[:m].tolist()
+
+
+def mixed_emitted(p_model, q_model, prefix, level, shape, how, variant, under_ngram=False) -> dict:
+    """Distribution of the tokens one hybrid step emits from a node at depth ``level``.
+
+    ``shape[level] = (k, m)``: k children drawn from q (``how``), then m n-gram tokens, each
+    grafted unless a drawn child already has it (the model's node stands for both); below an
+    n-gram node only the n-gram continuation goes on (one token per level). ``variant`` says how
+    the children are ordered and verified:
+    - ``exact``: drawn children first by ``rule``, then the n-gram children as point masses;
+    - ``ngram-first-kept``: every n-gram child first, kept even where a draw repeats it (exact:
+      its presence does not depend on the draws, and a repeated draw meets a residual of 0);
+    - ``softmax``: n-gram children verified with the draft's q, like drawn ones (biased);
+    - ``merged``: n-gram children taken into the set of draws without replacement, first (biased);
+    - ``ngram-first-grafted``: n-gram children first, but grafted only where no draw has the token:
+      their presence depends on children tested after them (biased).
+    """
+    p = p_model(prefix)
+    if level == len(shape):
+        return {(x,): float(p[x]) for x in range(V) if p[x] > 0}
+    k, m = (0, 1) if under_ngram else shape[level]
+    q = q_model(prefix)
+    rule = ChildRule.IID if how == "iid" else ChildRule.WITHOUT_REPLACEMENT
+    out = defaultdict(float)
+    for kids, prob in children_outcomes(q, k, how):
+        if prob == 0:
+            continue
+        kids = list(kids)
+        fixed = ngram_tokens(prefix, m)
+        grafted = [x for x in fixed if x not in kids]
+        if variant == "exact":
+            tokens, flags = kids + grafted, [False] * len(kids) + [True] * len(grafted)
+        elif variant == "ngram-first-kept":
+            tokens, flags = fixed + kids, [True] * len(fixed) + [False] * len(kids)
+        elif variant == "softmax":
+            tokens, flags = kids + grafted, [False] * (len(kids) + len(grafted))
+        elif variant == "merged":
+            tokens, flags, rule = grafted + kids, [False] * (len(kids) + len(grafted)), ChildRule.WITHOUT_REPLACEMENT
+        else:
+            assert variant == "ngram-first-grafted"
+            tokens, flags = grafted + kids, [True] * len(grafted) + [False] * len(kids)
+        ngram_nodes = set(range(len(tokens))) - {j for j, x in enumerate(tokens) if x in kids and not flags[j]}
+        oc = node_outcomes(p, tokens, rule, q, flags)
+        for j, x in enumerate(tokens):
+            a = float(oc.accept_probs[j])
+            if a > 0:
+                below = mixed_emitted(p_model, q_model, prefix + (x,), level + 1, shape, how, variant,
+                                      under_ngram or j in ngram_nodes)
+                for seq, ps in below.items():
+                    out[(x,) + seq] += prob * a * ps
+        rej = float(oc.reject_prob)
+        for y in range(V):
+            if oc.residual[y] > 0:
+                out[(y,)] += prob * rej * float(oc.residual[y])
+    return out
+
+
+def mixed_error(shape, how, variant, params, seeds=range(4)) -> float:
+    worst = 0.0
+    for s in seeds:
+        p_model, q_model = Model(100 + s, params), Model(200 + s, params, sharp=1.0)
+        got = first_tokens(mixed_emitted(p_model, q_model, (), 0, shape, how, variant), p_model)
+        assert abs(sum(got.values()) - 1.0) < 1e-9
+        want = target_joint(p_model)
+        worst = max(worst, max(abs(got.get(k, 0.0) - v) for k, v in want.items()))
+    return worst
+
+
+MIXED_SHAPES = [
+    ("iid", [(1, 1), (1, 1)]),  # a hybrid chain: one draw per node, the n-gram continuation beside it
+    ("wor", [(2, 1), (1, 1)]),  # a hybrid tree
+    ("wor", [(2, 2)]),  # two n-gram branches beside two draws
+    ("iid", [(0, 2), (1, 1)]),  # the root drafted by n-gram alone, then by both
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("params", WARPS, ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}")
+@pytest.mark.parametrize("how,shape", MIXED_SHAPES, ids=lambda x: str(x))
+@pytest.mark.parametrize("variant", ["exact", "ngram-first-kept"])
+def test_mixed_rule_reproduces_the_target_exactly(how, shape, variant, params):
+    assert mixed_error(shape, how, variant, params) < EXACT
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("variant", ["softmax", "merged", "ngram-first-grafted"])
+@pytest.mark.parametrize("how,shape", MIXED_SHAPES[:3], ids=lambda x: str(x))
+def test_negative_controls_mixed_children_verified_wrongly_are_biased(variant, how, shape):
+    assert mixed_error(shape, how, variant, WARPS[0]) > 1e-3

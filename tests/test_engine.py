@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hedgerow.drafting.spec import SpecMode
+from hedgerow.drafting.spec import SpecMode, SpecParams
 from hedgerow.verify.flatten import flatten
 from hedgerow.verify.sampling import SamplingParams
 from hedgerow.verify.tree import DraftTree
@@ -49,8 +49,9 @@ def test_plain_decoding_equals_target_generate(pair, references, impl):
 @pytest.mark.parametrize("gamma", [1, 4, 8])
 def test_draft_equal_to_target_accepts_everything(pair, gamma, impl):
     target, _ = pair
+    model_only = SpecParams(mode=SpecMode.CHAIN, draft_tokens=gamma, proposer="model")  # no n-gram nodes beside it
     out = make_engine(target, target, gamma=gamma, impl=impl).generate(
-        request(str(i), p, 37, ignore_eos=True) for i, p in enumerate(PROMPTS)
+        request(str(i), p, 37, ignore_eos=True, spec=model_only) for i, p in enumerate(PROMPTS)
     )
     for seq in out.values():
         stats = seq.stats

@@ -32,8 +32,9 @@ def test_greedy_output_equals_the_target_batch_4_and_1(pair, overlap, impl):
 @VARIANTS
 def test_draft_equal_to_target_hits_the_continuation_every_step(pair, impl):
     target, _ = pair
+    model_only = SpecParams(mode=SpecMode.CHAIN, draft_tokens=3, proposer="model")  # no n-gram nodes beside it
     seq = make_engine(target, target, overlap="pearl", gamma=3, impl=impl).generate(
-        [request("r", PROMPTS[0], 40, ignore_eos=True)]
+        [request("r", PROMPTS[0], 40, ignore_eos=True, spec=model_only)]
     )["r"]
     assert seq.stats.branch_hits == seq.stats.verify_steps - 1
     assert seq.stats.acceptance_rate == 1.0 and seq.num_generated == 40

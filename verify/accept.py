@@ -39,7 +39,11 @@ def _normalise(r: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
 
 
 def node_outcomes(
-    p: torch.Tensor, child_tokens: Sequence[int], rule: ChildRule, q: torch.Tensor | None
+    p: torch.Tensor,
+    child_tokens: Sequence[int],
+    rule: ChildRule,
+    q: torch.Tensor | None,
+    point_mass: Sequence[bool] | None = None,
 ) -> NodeOutcome:
     """Exact outcome distribution of recursive rejection sampling at one node.
 
@@ -48,14 +52,18 @@ def node_outcomes(
     - POINT_MASS: accept x w.p. r[x]; on rejection zero r[x] and renormalise.
     - IID: accept x w.p. min(1, r[x] / q[x]); on rejection r = norm(max(r - q, 0)).
     - WITHOUT_REPLACEMENT: as IID, with q' = q with the already-rejected tokens zeroed and renormalised.
+    ``point_mass[j]``: child j was proposed deterministically whatever ``rule`` says (an n-gram
+    node): it takes the POINT_MASS step against the current residual and leaves the proposal of
+    the ruled children as it is, since they were not drawn against it (the mixed rule, §2.7).
     """
     dtype = torch.promote_types(p.dtype, torch.float32)  # fp32 at least; fp64 stays fp64 (exactness tests)
     r = p.to(dtype)
-    proposal = None if rule is ChildRule.POINT_MASS else q.to(device=r.device, dtype=dtype)
+    fixed = [True] * len(child_tokens) if rule is ChildRule.POINT_MASS else (point_mass or [False] * len(child_tokens))
+    proposal = None if all(fixed) else q.to(device=r.device, dtype=dtype)
     survive = torch.ones((), device=r.device, dtype=dtype)
     accept = []
-    for x in child_tokens:
-        if rule is ChildRule.POINT_MASS:
+    for x, point in zip(child_tokens, fixed):
+        if point:
             a = r[x].clamp(max=1.0)
             rejected = r.clone()
             rejected[x] = 0.0
@@ -66,7 +74,7 @@ def node_outcomes(
         accept.append(survive * a)
         survive = survive * (1.0 - a)
         r = _normalise(rejected, r)
-        if rule is ChildRule.WITHOUT_REPLACEMENT:
+        if rule is ChildRule.WITHOUT_REPLACEMENT and not point:
             proposal = proposal.clone()
             proposal[x] = 0.0
             proposal = _normalise(proposal, proposal)
@@ -110,7 +118,7 @@ def sampling_walk(
             out.append(int(sample(p[u], generator)))  # bonus token
             return Acceptance(path, out)
         q = None if tree.rule is ChildRule.POINT_MASS else tree.draft_probs[u]
-        outcome = node_outcomes(p[u], [tokens[c] for c in children], tree.rule, q)
+        outcome = node_outcomes(p[u], [tokens[c] for c in children], tree.rule, q, tree.point_masses(u))
         choice = int(sample(torch.cat([outcome.accept_probs, outcome.reject_prob[None]]), generator))
         if choice == len(children):
             out.append(int(sample(outcome.residual, generator)))  # correction token

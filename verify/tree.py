@@ -38,12 +38,17 @@ class DraftTree:
     rule:        how every node's children were generated
     draft_probs: [N, vocab] fp32, row u = the distribution u's children were drawn from
                  (needed by IID and WITHOUT_REPLACEMENT; None for POINT_MASS)
+    point_mass_from: nodes from this index on were proposed deterministically whatever ``rule``
+                 says (n-gram lookups): each is a point mass on its own token. Numbered after
+                 every node ``rule`` covers, each is tested after all its siblings that ``rule``
+                 covers, the order the mixed rule needs (algorithms.md §2.7). None: no such node.
     """
 
     tokens: torch.Tensor
     parents: torch.Tensor
     rule: ChildRule = ChildRule.POINT_MASS
     draft_probs: torch.Tensor | None = None
+    point_mass_from: int | None = None
     children: list[list[int]] = field(init=False, repr=False)
     is_chain: bool = field(init=False, repr=False)
 
@@ -60,6 +65,17 @@ class DraftTree:
             self.children[parents[i]].append(i)
         if self.rule is not ChildRule.POINT_MASS and n > 1 and self.draft_probs is None:
             raise ValueError(f"rule {self.rule.value} needs the draft distributions")
+        if self.point_mass_from is not None and not 1 <= self.point_mass_from <= n:
+            raise ValueError(f"point_mass_from {self.point_mass_from} is not a node of a tree of {n}")
+
+    @property
+    def ruled(self) -> int:
+        """Nodes [0, ruled) follow ``rule``; the rest are point masses (n-gram nodes)."""
+        return self.num_nodes if self.point_mass_from is None else self.point_mass_from
+
+    def point_masses(self, u: int) -> list[bool]:
+        """Per child of ``u``, in test order: whether it is a point mass whatever ``rule`` says."""
+        return [c >= self.ruled for c in self.children[u]]
 
     def depths(self) -> torch.Tensor:
         """[N] depth of every node below the root."""

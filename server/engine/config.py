@@ -20,11 +20,14 @@ class EngineConfig:
     adaptive: str = "cost"  # draft-size policy: none | heuristic | confidence | cost (drafting/policy.py)
     overlap: str = "none"  # none | pearl | branch: draft hedge branches while the target verifies
     branch_alternatives: int = 2  # alternatives to the last draft token, for overlap=branch
+    ngram_pool: int = 0  # entries of the server-wide pool of n-grams from recent outputs (0: none)
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_batch_size", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ngram_pool < 0:
+            raise ValueError(f"ngram_pool must be >= 0, got {self.ngram_pool}")
         if self.adaptive not in POLICIES:
             raise ValueError(f"adaptive must be one of {', '.join(POLICIES)}, got {self.adaptive!r}")
         if self.overlap not in OVERLAPS:

@@ -1,6 +1,6 @@
 """The engine: one speculative step over the running batch, and request bookkeeping.
 
-    step:  admit -> plan -> propose -> flatten -> verify -> accept -> commit -> observe
+    step:  admit -> room (n-gram lookup) -> plan -> propose -> flatten -> verify -> accept -> commit -> observe
 
 Plain decoding (``SpecMode.PLAIN``) is the same step with a tree of one node (the root), so the
 baseline and speculative modes share every line of the runner. Values go forward: the policy's
@@ -18,8 +18,8 @@ from typing import Iterable
 from hedgerow.drafting.draft_model import DraftModel
 from hedgerow.drafting.plan import Policy, Room, StepReport, StepSeconds
 from hedgerow.drafting.policy import make_policy
-from hedgerow.drafting.proposer import Drafts, Proposer
-from hedgerow.drafting.spec import SpecMode
+from hedgerow.drafting.proposer import Proposer
+from hedgerow.drafting.spec import SpecParams
 from hedgerow.server.engine.commit import StepOutput, commit
 from hedgerow.server.engine.config import EngineConfig
 from hedgerow.server.errors import HedgerowError, OverloadedError
@@ -49,17 +49,15 @@ class Engine:
         policy: Policy | None = None,
         clock: Clock = time.perf_counter,
     ):
-        if draft is None and config.spec.mode is not SpecMode.PLAIN:
-            raise HedgerowError(f"speculation mode {config.spec.mode.value} needs a draft model")
         self.target, self.draft, self.config, self.clock = target, draft, config, clock
+        self._check_draft(config.spec.resolve(draft is not None), "")
         self.eos_token_ids = frozenset(eos_token_ids)
         self.scheduler = Scheduler(target.cache, draft.cache if draft else None, config.max_waiting)
         self.policy = policy if policy is not None else make_policy(config.adaptive)
-        self.proposer = None
-        if draft is not None:
-            drafter = DraftModel(draft, target.vocab_size, config.prefill_chunk)
-            self.proposer = Proposer(drafter, config.hedge_alternatives)
-            self.policy.calibrate(pass_timer({"target": target, "draft": draft}, clock))
+        drafter = DraftModel(draft, target.vocab_size, config.prefill_chunk) if draft is not None else None
+        self.proposer = Proposer(drafter, config.hedge_alternatives, config.ngram_pool)
+        # without a draft model nothing drafts with one: its line is timed on the target, unused
+        self.policy.calibrate(pass_timer({"target": target, "draft": draft or target}, clock))
         self.verifier = Verifier(target, overlap=config.hedge_alternatives is not None and draft is not None)
         self.times = PhaseTotals()
         self._ready: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sequence -> hedge that came true
@@ -68,7 +66,7 @@ class Engine:
     # --- requests ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> Sequence:
         """Validate and queue a request. Raises HedgerowError naming the bad field."""
-        spec = request.spec or self.config.spec
+        spec = (request.spec or self.config.spec).resolve(self.draft is not None)
         n = len(request.prompt_ids)
         if n == 0:
             raise HedgerowError("prompt is empty")
@@ -81,8 +79,7 @@ class Engine:
             raise HedgerowError(f"prompt_token_ids: {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
         if request.max_new_tokens < 1:
             raise HedgerowError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
-        if spec.mode is not SpecMode.PLAIN and self.draft is None:
-            raise HedgerowError(f"speculation mode {spec.mode.value} needs a draft model; this server has none")
+        self._check_draft(spec, "; this server has none")
         if self.scheduler.find(request.request_id) is not None:
             raise HedgerowError(f"request_id {request.request_id!r} is already in flight")
         seq = Sequence(request, spec)
@@ -91,6 +88,11 @@ class Engine:
         except OverflowError as exc:
             raise OverloadedError(str(exc)) from None
         return seq
+
+    def _check_draft(self, spec: SpecParams, where: str) -> None:
+        if spec.uses_model and self.draft is None:
+            raise HedgerowError(f"speculation mode {spec.mode.value} with proposer {spec.proposer.value} needs a "
+                                f"draft model{where} (proposer ngram needs none)")
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> bool:
         """End a request now (cancelled, deadline, a stop string seen by the caller); frees its slots."""
@@ -118,21 +120,21 @@ class Engine:
             rooms = [self.room(s) for s in batch]
             plan = self.policy.plan(batch, rooms)
             ready = {s: self._ready.pop(s) for s in batch if s in self._ready}
-            drafts = self.proposer.propose(batch, plan, rooms, ready) if self.proposer else Drafts.none(batch)
+            drafts = self.proposer.propose(batch, plan, rooms, ready)
             clock.lap("draft")
             flat = flatten(drafts.trees, [s.target_len for s in batch])
-            hedge = (lambda: self.proposer.hedge(batch, drafts)) if self.proposer else None
-            results, hedges = self.verifier.verify(batch, drafts, flat, hedge)  # target pass + accept
+            results, hedges = self.verifier.verify(batch, drafts, flat, lambda: self.proposer.hedge(batch, drafts))
             clock.lap("verify")
             done = commit(batch, drafts, results, hedges, self._stop_reason, self.scheduler, self.target.cache,
-                          Proposer.commit)
+                          self.proposer.commit)
             self._ready.update(done.ready)
+            self.proposer.retire([o.sequence for o in done.outputs if o.finish_reason is not None])
             clock.lap("commit")
             phases = clock.phases
             self.policy.observe(StepReport(
                 plan, batch, done.drafted, done.accepted, emitted=sum(len(o.token_ids) for o in done.outputs),
                 verify_tokens=int(flat.num_nodes.sum()), draft_passes=drafts.passes,
-                seconds=StepSeconds(phases["draft"], phases["verify"], phases["commit"], between),
+                seconds=StepSeconds(phases["draft"], phases["verify"], phases["commit"], between), ngram=done.ngram,
             ))
             return done.outputs
 
@@ -144,21 +146,26 @@ class Engine:
         return StepResult(outputs, clock.phases if batch else None)
 
     def room(self, seq: Sequence) -> Room:
-        """What ``seq`` may draft: a step emits at most depth + 1 tokens, and the root plus every
-        draft node need a KV row."""
-        depth = seq.request.max_new_tokens - seq.num_generated - 1
+        """What ``seq`` may draft: a step emits at most depth + 1 tokens, the root plus every
+        draft node need a KV row, and n-gram lookup offers what it finds."""
         rows = self.config.max_model_len - len(seq.tokens) - 1
-        return Room(depth=max(0, min(depth, rows)), rows=max(0, rows))
+        depth = max(0, min(seq.request.max_new_tokens - seq.num_generated - 1, rows))
+        return Room(depth=depth, rows=max(0, rows), ngram=self.proposer.ngram.find(seq, depth))
 
     def _prefill(self, seqs: list[Sequence]) -> list[StepOutput]:
-        """Cache every prompt token but the last; the last is the first step's root."""
+        """Cache every prompt token but the last, in the target and (for sequences that may draft)
+        the draft; the last is the first step's root. The draft's prefill belongs here, not to
+        the first drafting step: a step's time must be a step's, for the cost policy's clock."""
         todo = [s for s in seqs if s.prompt_len > 1]
-        if todo:
-            self.target.extend(
-                [s.target_slot for s in todo], [0] * len(todo), [s.tokens[:-1] for s in todo], self.config.prefill_chunk
-            )
+        for runner, slot in ((self.target, "target_slot"), (self.draft, "draft_slot")):
+            rows = [s for s in todo if getattr(s, slot) is not None]
+            if runner is not None and rows:
+                runner.extend([getattr(s, slot) for s in rows], [0] * len(rows), [s.tokens[:-1] for s in rows],
+                              self.config.prefill_chunk)
         for s in seqs:
             s.target_len = s.prompt_len - 1
+            if s.draft_slot is not None:
+                s.draft_len = s.prompt_len - 1
         return []
 
     def _fail(self, seq: Sequence, exc: Exception) -> StepOutput:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 
 from hedgerow.server.engine.kv_cache import SlotKVCache
-from hedgerow.server.engine.sequence import FinishReason, Sequence, SpecMode
+from hedgerow.server.engine.sequence import FinishReason, Sequence
 
 
 class Scheduler:
@@ -30,7 +30,7 @@ class Scheduler:
         admitted = []
         while self.waiting and self.target_cache.free_slots:
             seq = self.waiting[0]
-            needs_draft = seq.spec.mode is not SpecMode.PLAIN
+            needs_draft = seq.spec.uses_model  # n-gram proposals need no draft slot
             if needs_draft and not self.draft_cache.free_slots:
                 break
             self.waiting.popleft()

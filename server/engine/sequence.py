@@ -39,6 +39,24 @@ class Request:
     ignore_eos: bool = False
 
 
+@dataclass(frozen=True)
+class ProposerCounts:
+    """One proposer's draft tokens sent to verification, and of them the accepted ones (kept:
+    never past EOS or the length limit). Each draft node belongs to the proposer that put it in
+    the tree, so the counts of ``model`` and ``ngram`` add up to a step's or a request's."""
+
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    def __add__(self, other: "ProposerCounts") -> "ProposerCounts":
+        return ProposerCounts(self.draft_tokens + other.draft_tokens, self.accepted_tokens + other.accepted_tokens)
+
+    def as_dict(self) -> dict:
+        rate = self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+        return {"draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
+                "acceptance_rate": round(rate, 4)}
+
+
 @dataclass
 class SeqStats:
     verify_steps: int = 0
@@ -48,6 +66,7 @@ class SeqStats:
     rollback_tokens: int = 0  # drafted tokens thrown away: rejected drafts and hedge branches that missed
     branches: int = 0  # hedge branches drafted while the target verified
     branch_hits: int = 0  # of which came true
+    proposers: dict[str, ProposerCounts] = field(default_factory=dict)  # "model", "ngram": those that drafted
 
     @property
     def acceptance_rate(self) -> float:
@@ -69,6 +88,7 @@ class SeqStats:
             "rollback_tokens": self.rollback_tokens,
             "branches": self.branches,
             "branch_hits": self.branch_hits,
+            "proposers": {name: c.as_dict() for name, c in sorted(self.proposers.items())},
         }
 
 
