@@ -36,13 +36,16 @@ log = logging.getLogger("hedgerow.proxy")
 class Proxy:
     """The routes of one app, and what they share: its config and its gRPC backend."""
 
-    def __init__(self, config: ProxyConfig):
+    def __init__(self, config: ProxyConfig, backend=Backend):
         self.config = config
+        # ``backend(config)`` opens the backend: the gRPC one, or one with its methods that calls the
+        # service in process (a Ray Serve replica, hedgerow.server.scaleout.calls.LocalBackend)
+        self.make_backend = backend
         self.backend: Backend | None = None  # open while the app runs
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
-        self.backend = Backend(self.config)  # on the event loop that serves requests
+        self.backend = self.make_backend(self.config)  # on the event loop that serves requests
         warm = asyncio.create_task(self.backend.warm())
         try:
             yield
@@ -99,8 +102,8 @@ class Proxy:
             watch.cancel()
 
 
-def create_app(config: ProxyConfig) -> FastAPI:
-    proxy = Proxy(config)
+def create_app(config: ProxyConfig, backend=Backend) -> FastAPI:
+    proxy = Proxy(config, backend)
     docs = {} if config.api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="Hedgerow OpenAI-compatible proxy", lifespan=proxy.lifespan, **docs)
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
