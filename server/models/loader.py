@@ -16,6 +16,7 @@ import torch
 
 from hedgerow.server.errors import HedgerowError
 from hedgerow.server.models import hf
+from hedgerow.server.models.light import generation_defaults, light_tokenizer
 
 log = logging.getLogger("hedgerow.loader")
 MODEL_IMPLS = ("auto", "native", "transformers")
@@ -60,9 +61,14 @@ def check_source(path: str, role: str) -> None:
 
 
 def load_tokenizer(path: str, role: str):
+    """The tokenizer at ``path``: read directly where that is exact (server/models/light.py), else
+    through transformers."""
+    check_source(path, role)
+    local = Path(path).expanduser()
+    if local.is_dir() and (tok := light_tokenizer(local)) is not None:
+        return tok
     from transformers import AutoTokenizer
 
-    check_source(path, role)
     try:
         return AutoTokenizer.from_pretrained(os.path.expanduser(path))
     except (OSError, ValueError) as exc:
@@ -109,6 +115,9 @@ def _load_transformers(path: str, role: str, device: torch.device, dtype: torch.
 
 def _generation_config(path: str):
     """generation_config.json, where a model keeps EOS ids its tokenizer may not name (None if absent)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return generation_defaults(local)
     from transformers import GenerationConfig
 
     try:

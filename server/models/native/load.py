@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from hedgerow.server.models.light import light_config
 from hedgerow.server.models.native.config import NativeConfig, UnsupportedModel, native_config
 from hedgerow.server.models.native.llama import DecoderLayer, NativeCausalLM
 
@@ -151,10 +152,13 @@ def load_native(path: str, *, device, dtype, max_positions: int | None = None) -
 
     Raises ``UnsupportedModel`` for what runs only through transformers.
     """
-    from transformers import AutoConfig
-
     folder = resolve_folder(path)
-    config = native_config(AutoConfig.from_pretrained(folder))
+    raw = light_config(folder)  # transformers only where it has something to fill in (server/models/light.py)
+    if raw is None:
+        from transformers import AutoConfig
+
+        raw = AutoConfig.from_pretrained(folder)
+    config = native_config(raw)
     files = checkpoint_files(folder)
     model = NativeCausalLM(config, max_positions or config.max_position_embeddings, device=device, dtype=dtype)
     load_weights(model, files)
