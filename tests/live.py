@@ -103,7 +103,10 @@ class LiveServer:
         return self.server.engine.call(read)
 
     def sample(self, name: str, **labels) -> float:
-        return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
+        """The sum of the samples of ``name`` whose labels include ``labels`` (as PromQL's ``sum``
+        would: ``hedgerow_spec_draft_tokens_total`` alone sums its ``proposer`` labels)."""
+        return sum(s.value for metric in self.metrics.registry.collect() for s in metric.samples
+                   if s.name == name and labels.items() <= s.labels.items())
 
     def wait_until(self, check, what: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

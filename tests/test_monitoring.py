@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hedgerow.server.engine.sequence import ProposerCounts
 from hedgerow.server.rpc import generation_pb2 as pb
 from hedgerow.server.service.grpc_service import ServiceConfig
 from hedgerow.server.service.metrics import Metrics
@@ -65,7 +66,8 @@ def recording_rules() -> list[str]:
 def exported_names() -> set[str]:
     """Every sample name server/service/metrics.py exports, labelled families included."""
     m = Metrics()
-    m.record_step(emitted=3, draft_tokens=4, accepted_tokens=2, speculative=True, branches=1, branch_hit=True)
+    m.record_step(emitted=3, draft_tokens=4, accepted_tokens=2, speculative=True, branches=1, branch_hit=True,
+                  proposers={"model": ProposerCounts(3, 1), "ngram": ProposerCounts(1, 1)})
     m.record_phases({"verify": 0.01})
     m.set_load(running=1, waiting=0, kv_slots={"target": 1})
     return {line.split("{")[0].split(" ")[0] for line in m.text().splitlines() if line and not line.startswith("#")}

@@ -57,7 +57,8 @@ def test_models_lists_the_served_model(client, model, tiny_folders):
     card = models[0].model_dump()
     assert card["owned_by"] == "hedgerow"
     assert card["hedgerow"]["max_model_len"] == 128 and card["hedgerow"]["draft"] == str(tiny_folders["draft"])
-    assert card["hedgerow"]["default_speculation"] == {"mode": "chain", "draft_tokens": 3, "tree_budget": 16}
+    assert card["hedgerow"]["default_speculation"] == {"mode": "chain", "proposer": "hybrid", "draft_tokens": 3,
+                                                       "tree_budget": 16, "ngram_max": 4, "ngram_min": 2}
     assert client.models.retrieve(model).id == model
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("gpt-4o")

@@ -22,12 +22,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Mapping, Protocol
 
 from hedgerow.server.engine.commit import StepOutput
 from hedgerow.server.engine.engine import Engine
 from hedgerow.server.errors import HedgerowError
-from hedgerow.server.engine.sequence import FinishReason, Request, Sequence, SpecMode
+from hedgerow.server.engine.sequence import FinishReason, ProposerCounts, Request, Sequence, SpecMode
 
 log = logging.getLogger("hedgerow.async_engine")
 
@@ -39,7 +39,7 @@ class EngineMetrics(Protocol):
     def record_queue(self, seconds: float) -> None: ...
     def record_phases(self, phases: dict[str, float]) -> None: ...
     def record_step(self, *, emitted: int, draft_tokens: int, accepted_tokens: int, speculative: bool,
-                    branches: int, branch_hit: bool) -> None: ...
+                    proposers: Mapping[str, ProposerCounts], branches: int, branch_hit: bool) -> None: ...
     def set_load(self, *, running: int, waiting: int, kv_slots: dict[str, int]) -> None: ...
 
 
@@ -66,6 +66,8 @@ class Update:
     draft_tokens: int
     accepted_tokens: int
     error: str | None = None  # the request failed inside the engine (this request only)
+    # cumulative draft and accepted tokens by proposer ("model", "ngram"), for each that drafted
+    proposers: tuple[tuple[str, ProposerCounts], ...] = ()
 
 
 class RequestStream:
@@ -243,6 +245,7 @@ class AsyncEngine:
             draft_tokens=out.draft_tokens,
             accepted_tokens=out.accepted_tokens,
             speculative=out.error is None and out.sequence.spec.mode is not SpecMode.PLAIN,
+            proposers=out.proposers,
             branches=out.branches,
             branch_hit=out.branch_hit,
         )
@@ -271,4 +274,5 @@ def _update(seq: Sequence, token_ids: list[int], reason: FinishReason | None, er
         draft_tokens=seq.stats.draft_tokens,
         accepted_tokens=seq.stats.accepted_tokens,
         error=error,
+        proposers=tuple(sorted(seq.stats.proposers.items())),
     )

@@ -7,17 +7,20 @@ read (and changed) in one place.
 
 Finish reasons EOS and STOP -> ``"stop"``, LENGTH -> ``"length"``, ABORT (server shutting down) ->
 ``"abort"``. Every response carries a ``hedgerow`` object with the request's speculation stats
-(verify_steps, draft_tokens, accepted_tokens, acceptance_rate).
+(verify_steps, draft_tokens, accepted_tokens, acceptance_rate, and ``proposers``: the draft and
+accepted tokens of each proposer that drafted, by name).
 """
 
 from dataclasses import dataclass
 
-from hedgerow.server.proxy.schema import SPEC_MODES, ApiError, bad
+from hedgerow.server.proxy.schema import PROPOSERS, SPEC_MODES, SPEC_SIZES, ApiError, bad
 from hedgerow.server.rpc import generation_pb2 as pb
 
 FINISH = {1: "stop", 2: "length", 3: "stop", 4: "abort"}  # pb.FinishReason -> OpenAI finish_reason
 MODES = {name: pb.SpeculationMode.Value(f"SPECULATION_MODE_{name.upper()}") for name in SPEC_MODES}
 MODE_NAMES = {v: k for k, v in MODES.items()}
+PROPOSER_VALUES = {name: pb.Proposer.Value(f"PROPOSER_{name.upper()}") for name in PROPOSERS}
+PROPOSER_NAMES = {v: k for k, v in PROPOSER_VALUES.items()}
 
 
 def to_proto(body, request_id: str, *, prompt: str | list[int]):
@@ -38,10 +41,11 @@ def to_proto(body, request_id: str, *, prompt: str | list[int]):
         msg.speculation.SetInParent()
         if spec.mode is not None:
             msg.speculation.mode = MODES[spec.mode]
-        if spec.draft_tokens is not None:
-            msg.speculation.draft_tokens = spec.draft_tokens
-        if spec.tree_budget is not None:
-            msg.speculation.tree_budget = spec.tree_budget
+        if spec.proposer is not None:
+            msg.speculation.proposer = PROPOSER_VALUES[spec.proposer]
+        for name in SPEC_SIZES:
+            if (value := getattr(spec, name)) is not None:
+                setattr(msg.speculation, name, value)
     return msg
 
 
@@ -50,10 +54,19 @@ def usage(u) -> dict:
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
+def _rate(s) -> float | None:
+    return s.accepted_tokens / s.draft_tokens if s.draft_tokens else None
+
+
 def stats(s) -> dict:
-    rate = s.accepted_tokens / s.draft_tokens if s.draft_tokens else None
     return {"verify_steps": s.verify_steps, "draft_tokens": s.draft_tokens, "accepted_tokens": s.accepted_tokens,
-            "acceptance_rate": rate}
+            "acceptance_rate": _rate(s), "proposers": proposers(s.proposers)}
+
+
+def proposers(entries) -> dict:
+    """``ProposerStats`` messages by proposer name: {"model": {draft_tokens, accepted_tokens, acceptance_rate}}."""
+    return {PROPOSER_NAMES[p.proposer]: {"draft_tokens": p.draft_tokens, "accepted_tokens": p.accepted_tokens,
+                                         "acceptance_rate": _rate(p)} for p in entries}
 
 
 @dataclass(frozen=True)
@@ -95,8 +108,8 @@ def model_card(info, model: str, created: int) -> dict:
                          "vocab_size": info.vocab_size, "max_batch_size": info.max_batch_size,
                          "default_max_new_tokens": info.default_max_new_tokens,
                          "default_speculation": {"mode": MODE_NAMES.get(spec.mode),
-                                                 "draft_tokens": spec.draft_tokens,
-                                                 "tree_budget": spec.tree_budget}}}
+                                                 "proposer": PROPOSER_NAMES.get(spec.proposer),
+                                                 **{name: getattr(spec, name) for name in SPEC_SIZES}}}}
 
 
 def render_chat(tokenizer, messages: list[dict], model: str) -> list[int]:

@@ -17,8 +17,9 @@ Unsupported options are refused, never silently ignored: ``n`` > 1, ``best_of`` 
 message parts. An unknown parameter is refused too, as OpenAI does (a typo must not pass unseen).
 
 Extensions (through the SDK's ``extra_body``): ``top_k``, ``ignore_eos``, and
-``hedgerow: {"speculation": {"mode": "plain"|"chain"|"tree", "draft_tokens": G, "tree_budget": B}}``
-(absent fields keep the server's defaults; speculation only ever changes speed, never the output).
+``hedgerow: {"speculation": {"mode": "plain"|"chain"|"tree", "draft_tokens": G, "tree_budget": B,
+"proposer": "model"|"ngram"|"hybrid", "ngram_max": N, "ngram_min": M}}`` (absent fields keep the
+server's defaults; speculation only ever changes speed, never the output).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 SPEC_MODES = ("plain", "chain", "tree")  # the names of pb.SpeculationMode's values, lower-case
+PROPOSERS = ("model", "ngram", "hybrid")  # the names of pb.Proposer's values, lower-case
+SPEC_SIZES = ("draft_tokens", "tree_budget", "ngram_max", "ngram_min")
 INT32 = 2**31  # int32 fields (max_new_tokens, top_k, speculation sizes) hold values below this
 
 
@@ -91,6 +94,9 @@ class SpeculationOptions(_Body):
     mode: str | None = None
     draft_tokens: int | None = None
     tree_budget: int | None = None
+    proposer: str | None = None
+    ngram_max: int | None = None
+    ngram_min: int | None = None
 
 
 class HedgerowOptions(_Body):
@@ -149,7 +155,10 @@ class _Generation(_Body):
         if spec is not None:
             if spec.mode is not None and spec.mode not in SPEC_MODES:
                 raise bad("hedgerow.speculation.mode", f"must be one of {', '.join(SPEC_MODES)}, got {spec.mode!r}")
-            for name in ("draft_tokens", "tree_budget"):  # their limits: the server's (drafting/spec.py)
+            if spec.proposer is not None and spec.proposer not in PROPOSERS:
+                raise bad("hedgerow.speculation.proposer",
+                          f"must be one of {', '.join(PROPOSERS)}, got {spec.proposer!r}")
+            for name in SPEC_SIZES:  # their limits: the server's (drafting/spec.py)
                 int32(f"hedgerow.speculation.{name}", getattr(spec, name), low=None)
 
     def stops(self) -> list[str]:

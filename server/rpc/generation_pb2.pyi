@@ -14,6 +14,13 @@ class SpeculationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SPECULATION_MODE_CHAIN: _ClassVar[SpeculationMode]
     SPECULATION_MODE_TREE: _ClassVar[SpeculationMode]
 
+class Proposer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROPOSER_UNSPECIFIED: _ClassVar[Proposer]
+    PROPOSER_MODEL: _ClassVar[Proposer]
+    PROPOSER_NGRAM: _ClassVar[Proposer]
+    PROPOSER_HYBRID: _ClassVar[Proposer]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -25,6 +32,10 @@ SPECULATION_MODE_UNSPECIFIED: SpeculationMode
 SPECULATION_MODE_PLAIN: SpeculationMode
 SPECULATION_MODE_CHAIN: SpeculationMode
 SPECULATION_MODE_TREE: SpeculationMode
+PROPOSER_UNSPECIFIED: Proposer
+PROPOSER_MODEL: Proposer
+PROPOSER_NGRAM: Proposer
+PROPOSER_HYBRID: Proposer
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -54,14 +65,20 @@ class StoppingCriteria(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class SpeculationParams(_message.Message):
-    __slots__ = ("mode", "draft_tokens", "tree_budget")
+    __slots__ = ("mode", "draft_tokens", "tree_budget", "proposer", "ngram_max", "ngram_min")
     MODE_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TREE_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    PROPOSER_FIELD_NUMBER: _ClassVar[int]
+    NGRAM_MAX_FIELD_NUMBER: _ClassVar[int]
+    NGRAM_MIN_FIELD_NUMBER: _ClassVar[int]
     mode: SpeculationMode
     draft_tokens: int
     tree_budget: int
-    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., draft_tokens: _Optional[int] = ..., tree_budget: _Optional[int] = ...) -> None: ...
+    proposer: Proposer
+    ngram_max: int
+    ngram_min: int
+    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., draft_tokens: _Optional[int] = ..., tree_budget: _Optional[int] = ..., proposer: _Optional[_Union[Proposer, str]] = ..., ngram_max: _Optional[int] = ..., ngram_min: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "sampling", "stopping", "speculation")
@@ -87,15 +104,27 @@ class Usage(_message.Message):
     completion_tokens: int
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
+class ProposerStats(_message.Message):
+    __slots__ = ("proposer", "draft_tokens", "accepted_tokens")
+    PROPOSER_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    proposer: Proposer
+    draft_tokens: int
+    accepted_tokens: int
+    def __init__(self, proposer: _Optional[_Union[Proposer, str]] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
+
 class Stats(_message.Message):
-    __slots__ = ("verify_steps", "draft_tokens", "accepted_tokens")
+    __slots__ = ("verify_steps", "draft_tokens", "accepted_tokens", "proposers")
     VERIFY_STEPS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSERS_FIELD_NUMBER: _ClassVar[int]
     verify_steps: int
     draft_tokens: int
     accepted_tokens: int
-    def __init__(self, verify_steps: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
+    proposers: _containers.RepeatedCompositeFieldContainer[ProposerStats]
+    def __init__(self, verify_steps: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., proposers: _Optional[_Iterable[_Union[ProposerStats, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "stats")

@@ -41,7 +41,7 @@ from hedgerow.server.engine.sequence import FinishReason
 from hedgerow.server.errors import HedgerowError, OverloadedError
 from hedgerow.server.rpc import generation_pb2 as pb
 from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
-from hedgerow.server.service.requests import MODE_NAMES, RequestConverter, ServiceConfig
+from hedgerow.server.service.requests import MODE_NAMES, PROPOSER_NAMES, RequestConverter, ServiceConfig
 from hedgerow.server.service.wire import Undecodable
 
 log = logging.getLogger("hedgerow.grpc")
@@ -89,12 +89,13 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.convert = RequestConverter(tokenizer, vocab_size=engine.target.vocab_size,
                                         max_model_len=engine.config.max_model_len,
                                         default_spec=engine.config.spec, config=config, pool=pool)
+        spec = engine.config.spec.resolve(engine.draft is not None)
         self.info = pb.ModelInfoResponse(
             target=config.target_name, draft=config.draft_name, vocab_size=engine.target.vocab_size,
             max_model_len=engine.config.max_model_len, eos_token_ids=sorted(engine.eos_token_ids),
             default_speculation=pb.SpeculationParams(
-                mode=MODE_NAMES[engine.config.spec.mode], draft_tokens=engine.config.spec.draft_tokens,
-                tree_budget=engine.config.spec.tree_budget),
+                mode=MODE_NAMES[spec.mode], draft_tokens=spec.draft_tokens, tree_budget=spec.tree_budget,
+                proposer=PROPOSER_NAMES[spec.proposer], ngram_max=spec.ngram_max, ngram_min=spec.ngram_min),
             max_batch_size=engine.config.max_batch_size,
             default_max_new_tokens=min(config.default_max_new_tokens, engine.config.max_model_len),
         )
@@ -306,4 +307,13 @@ def _usage(u: Update) -> pb.Usage:
 
 
 def _stats(u: Update) -> pb.Stats:
-    return pb.Stats(verify_steps=u.verify_steps, draft_tokens=u.draft_tokens, accepted_tokens=u.accepted_tokens)
+    return pb.Stats(verify_steps=u.verify_steps, draft_tokens=u.draft_tokens, accepted_tokens=u.accepted_tokens,
+                    proposers=proposer_stats(u.proposers))
+
+
+def proposer_stats(proposers) -> list[pb.ProposerStats]:
+    """``(name, ProposerCounts)`` pairs as messages, model first (the order of PROPOSER_NAMES)."""
+    counts = dict(proposers)
+    return [pb.ProposerStats(proposer=PROPOSER_NAMES[kind], draft_tokens=counts[kind.value].draft_tokens,
+                             accepted_tokens=counts[kind.value].accepted_tokens)
+            for kind in PROPOSER_NAMES if kind.value in counts]

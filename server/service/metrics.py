@@ -18,12 +18,19 @@ is the acceptance rate (accepted draft tokens / drafted tokens), and ``spec_acce
 mean is the mean accepted length (emitted tokens per verify step, the target's own token included).
 Nothing after EOS or the length limit is ever counted: the engine reports accepted tokens so.
 
+``spec_draft_tokens_total`` and ``spec_accepted_tokens_total`` carry a ``proposer`` label
+(``model``, ``ngram``): each draft node counts for the proposer that put it in the tree, so the
+labels of a step add up to its totals (``sum`` over the label is the old unlabelled counter). Both
+labels are exported from the start.
+
 ``inter_token_latency_seconds`` is observed once per token of every message of a request but its
 first (whose wait is ``time_to_first_token_seconds``): the time since the previous message divided
 by the tokens this one brought, so its mean is decode time per token, which speculation improves.
 """
 
 from __future__ import annotations
+
+from typing import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
@@ -37,6 +44,7 @@ COUNT_BUCKETS = tuple(float(n) for n in (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24,
 STATUSES = ("eos", "length", "stop", "abort", "cancelled", "error", "invalid_argument", "resource_exhausted",
             "unavailable", "unauthenticated")
 MAX_POSITION = 64  # per-position acceptance is kept for draft positions 1..64
+PROPOSERS = ("model", "ngram")  # the proposer label's values: where a draft node came from
 
 
 class Metrics:
@@ -44,8 +52,13 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r, p = self.registry, PREFIX
         # Counter names are given without "_total": prometheus_client appends it.
-        self.draft_tokens = Counter(p + "spec_draft_tokens", "Drafted tokens sent to verification", registry=r)
-        self.accepted_tokens = Counter(p + "spec_accepted_tokens", "Accepted draft tokens", registry=r)
+        self.draft_tokens = Counter(p + "spec_draft_tokens", "Drafted tokens sent to verification, by proposer",
+                                    ["proposer"], registry=r)
+        self.accepted_tokens = Counter(p + "spec_accepted_tokens", "Accepted draft tokens, by proposer", ["proposer"],
+                                       registry=r)
+        for name in PROPOSERS:  # exported as 0 from the start
+            self.draft_tokens.labels(name)
+            self.accepted_tokens.labels(name)
         self.verify_steps = Counter(p + "spec_verify_steps", "Verify steps (per sequence)", registry=r)
         self.accepted_per_position = Counter(
             p + "spec_accepted_tokens_per_position",
@@ -87,8 +100,10 @@ class Metrics:
 
     # --- engine thread ---------------------------------------------------------------------------
     def record_step(self, *, emitted: int, draft_tokens: int, accepted_tokens: int, speculative: bool,
-                    branches: int = 0, branch_hit: bool = False) -> None:
-        """One sequence's share of one engine step (see the module docstring for what counts)."""
+                    proposers: Mapping[str, object], branches: int = 0, branch_hit: bool = False) -> None:
+        """One sequence's share of one engine step (see the module docstring for what counts);
+        ``proposers``: the step's draft and accepted tokens by proposer (``ProposerCounts``), which
+        add up to ``draft_tokens`` and ``accepted_tokens``."""
         self.generated_tokens.inc(emitted)
         self.branches.inc(branches)
         self.branch_hits.inc(int(branch_hit))
@@ -97,8 +112,9 @@ class Metrics:
         if draft_tokens <= 0:
             return
         self.verify_steps.inc()
-        self.draft_tokens.inc(draft_tokens)
-        self.accepted_tokens.inc(accepted_tokens)
+        for name, counts in proposers.items():
+            self.draft_tokens.labels(name).inc(counts.draft_tokens)
+            self.accepted_tokens.labels(name).inc(counts.accepted_tokens)
         self.rollback_tokens.inc(draft_tokens - accepted_tokens)
         self.acceptance_length.observe(emitted)
         for pos in range(1, min(accepted_tokens, MAX_POSITION) + 1):

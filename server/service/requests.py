@@ -16,6 +16,7 @@ import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
+from hedgerow.drafting.spec import ProposerKind
 from hedgerow.server.engine.sequence import Request, SpecMode, SpecParams
 from hedgerow.server.errors import HedgerowError
 from hedgerow.server.rpc import generation_pb2 as pb
@@ -27,6 +28,12 @@ MODES = {
     pb.SPECULATION_MODE_TREE: SpecMode.TREE,
 }
 MODE_NAMES = {v: k for k, v in MODES.items()}
+PROPOSERS = {
+    pb.PROPOSER_MODEL: ProposerKind.MODEL,
+    pb.PROPOSER_NGRAM: ProposerKind.NGRAM,
+    pb.PROPOSER_HYBRID: ProposerKind.HYBRID,
+}
+PROPOSER_NAMES = {v: k for k, v in PROPOSERS.items()}
 
 
 @dataclass(frozen=True)
@@ -153,8 +160,16 @@ class RequestConverter:
         else:
             raise HedgerowError(f"speculation.mode {s.mode} is not a SpeculationMode "
                                 f"(one of {', '.join(pb.SpeculationMode.keys())})")
-        sizes = {name: getattr(s, name) for name in ("draft_tokens", "tree_budget") if s.HasField(name)}
+        if s.proposer == pb.PROPOSER_UNSPECIFIED:
+            proposer = base.proposer
+        elif s.proposer in PROPOSERS:
+            proposer = PROPOSERS[s.proposer]
+        else:
+            raise HedgerowError(f"speculation.proposer {s.proposer} is not a Proposer "
+                                f"(one of {', '.join(pb.Proposer.keys())})")
+        sizes = {name: getattr(s, name) for name in ("draft_tokens", "tree_budget", "ngram_max", "ngram_min")
+                 if s.HasField(name)}
         try:  # SpecParams checks every size against SPEC_LIMITS; its message starts with the size's name
-            return replace(base, mode=mode, **sizes)  # the rest: the server's defaults
+            return replace(base, mode=mode, proposer=proposer, **sizes)  # the rest: the server's defaults
         except ValueError as exc:
             raise HedgerowError(f"speculation.{exc}") from None
