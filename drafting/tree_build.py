@@ -127,6 +127,7 @@ def sampled_children(
     return Draws(idx, logq[[j for j, k in enumerate(ks) for _ in range(k)], idx].tolist(), counts, drawn, q)
 
 
+@torch.inference_mode()  # as every pass's tensors (verify/flatten.py): a compiled pass is specialised on it
 def level_batch(
     tokens: Sequence[torch.Tensor], depths: Sequence[int], prefix_lens: Sequence[int], visible: Sequence[torch.Tensor]
 ) -> FlatBatch:

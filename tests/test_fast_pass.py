@@ -68,9 +68,37 @@ def test_compiled_runners_keep_greedy_output_equal_to_the_target(models):
         r.compiled = CompiledPasses(r.pass_fn, r.name, BACKEND)
         r.compiled.prepare({(b == 1, n == 1): r._example(b, n) for b in (1, 2) for n in (1, 4)}, measure=False)
         assert len(r.compiled.enabled) == 4
-    for spec in (SpecParams(mode=SpecMode.CHAIN), SpecParams(mode=SpecMode.TREE, tree_budget=8, tree_depth=4)):
-        out = engine.generate(request(f"{spec.mode.value}{i}", p, 24, spec=spec) for i, p in enumerate(PROMPTS))
-        assert [out[f"{spec.mode.value}{i}"].generated for i in range(len(PROMPTS))] == refs
+    specs = [SpecParams(mode=SpecMode.CHAIN), SpecParams(mode=SpecMode.TREE, tree_budget=8, tree_depth=4),
+             SpecParams(mode=SpecMode.CHAIN, proposer="hybrid")]
+    # every pass the engine runs hits a graph compiled above: a recompile (a guard the engine's
+    # inputs fail, such as tensors made outside inference mode) raises, and the shape class would
+    # fall back to eager, which the last assert sees
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for spec in specs:
+            out = engine.generate(request(f"{spec.mode.value}{i}", p, 24, spec=spec) for i, p in enumerate(PROMPTS))
+            assert [out[f"{spec.mode.value}{i}"].generated for i in range(len(PROMPTS))] == refs
+    assert [len(r.compiled.enabled) for r in (engine.target, engine.draft)] == [4, 4]
+
+
+@pytest.mark.engine
+def test_a_compiled_pass_that_fails_runs_eagerly_and_its_class_stays_eager(models):
+    run = native_runner(models[0])
+    prompts = PROMPTS[:2]
+    slots = filled(run, prompts)
+    flat = verify_batch(prompts)
+    args = plan_args(run.plan(slots, flat, view=False), flat.tokens, flat.positions)
+    passes = CompiledPasses(run.pass_fn, "target", BACKEND)
+    passes.enabled = {(False, False), (True, True)}
+
+    def fails(*_):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile limit")
+
+    passes.compiled = fails
+    with torch.inference_mode():
+        got = passes(*args)
+        want = run.pass_fn(*args)
+    assert torch.equal(got, want)
+    assert passes.enabled == {(True, True)}
 
 
 @pytest.mark.engine

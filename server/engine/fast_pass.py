@@ -36,6 +36,9 @@ log = logging.getLogger("hedgerow.fast_pass")
 MAX_NODES = 64  # tokens per row beyond which a pass stays eager (prefill chunks)
 NODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_KV_BUCKET = 128
+# graphs dynamo keeps per code object: every runner's pass is the same code (PassFunction.__call__),
+# 4 shape classes per runner, so the default 8 leaves no room for a second look at any of them
+RECOMPILE_LIMIT = 64
 
 
 class SlotAttention:
@@ -89,9 +92,7 @@ class CompiledPasses:
     def __init__(self, fn: PassFunction, name: str, backend: str = "inductor"):
         self.fn = fn
         self.name = name
-        # every runner's pass is the same code (PassFunction.__call__), so dynamo keeps all their
-        # graphs (4 shape classes per runner) under one recompile limit, 8 by default
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.compiled = torch.compile(fn, fullgraph=True, backend=backend)
         self.enabled: set[tuple[bool, bool]] = set()
         self.report: dict[tuple[bool, bool], dict] = {}
@@ -129,7 +130,20 @@ class CompiledPasses:
                          "1" if cls[1] else ">1", entry)
 
     def __call__(self, *args) -> torch.Tensor:
-        return self.compiled(*args)
+        # dynamo's settings are per thread, and --compile auto compiles in another one
+        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        try:
+            return self.compiled(*args)
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit):
+            # a shape or input the compiled graphs do not cover and cannot be recompiled for: this
+            # pass and its shape class run eagerly from now on, never failing a request (a pass
+            # writes only its own KV rows, so running it again is safe)
+            cls = self.shape_class(*args[0].shape)
+            self.enabled.discard(cls)
+            log.warning("%s pass, batch %s, tokens %s: the compiled pass failed; eager from now on",
+                        self.name, "1" if cls[0] else ">1", "1" if cls[1] else ">1", exc_info=True)
+            return self.fn(*args)
 
 
 def _mark_dynamic(args: tuple, one_row: bool, one_token: bool) -> None:
