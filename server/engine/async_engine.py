@@ -54,6 +54,17 @@ class NoMetrics:
 
 
 @dataclass(frozen=True)
+class StepStats:
+    """What one step drafted and accepted for one request, and the budget its policy chose."""
+
+    draft_tokens: int
+    accepted_tokens: int
+    proposers: tuple[tuple[str, ProposerCounts], ...]  # by proposer that drafted
+    draft_budget: int  # the draft model's tokens (chain) or nodes (tree) allowed
+    ngram_budget: int  # n-gram nodes allowed
+
+
+@dataclass(frozen=True)
 class Update:
     """What one engine step did for one request, copied out of the engine thread."""
 
@@ -68,6 +79,7 @@ class Update:
     error: str | None = None  # the request failed inside the engine (this request only)
     # cumulative draft and accepted tokens by proposer ("model", "ngram"), for each that drafted
     proposers: tuple[tuple[str, ProposerCounts], ...] = ()
+    step: StepStats | None = None  # this update's step; None for an end no step produced (ABORT, ERROR)
 
 
 class RequestStream:
@@ -234,7 +246,7 @@ class AsyncEngine:
             self._record(out)
             if out.finish_reason is not None:
                 del self._streams[out.request_id]
-            updates.append((stream, _update(out.sequence, out.token_ids, out.finish_reason, out.error)))
+            updates.append((stream, _update(out.sequence, out.token_ids, out.finish_reason, out.error, _step(out))))
         self._set_load()  # metrics first: a client that got its answer sees them up to date
         for stream, update in updates:
             stream._deliver(update)
@@ -263,7 +275,15 @@ class AsyncEngine:
         self.metrics.set_load(running=len(e.scheduler.running), waiting=len(e.scheduler.waiting), kv_slots=kv)
 
 
-def _update(seq: Sequence, token_ids: list[int], reason: FinishReason | None, error: str | None) -> Update:
+def _step(out: StepOutput) -> StepStats | None:
+    if out.error is not None:
+        return None
+    return StepStats(out.draft_tokens, out.accepted_tokens, tuple(sorted(out.proposers.items())), out.draft_budget,
+                     out.ngram_budget)
+
+
+def _update(seq: Sequence, token_ids: list[int], reason: FinishReason | None, error: str | None,
+            step: StepStats | None = None) -> Update:
     return Update(
         request_id=seq.request_id,
         token_ids=tuple(token_ids),
@@ -275,4 +295,5 @@ def _update(seq: Sequence, token_ids: list[int], reason: FinishReason | None, er
         accepted_tokens=seq.stats.accepted_tokens,
         error=error,
         proposers=tuple(sorted(seq.stats.proposers.items())),
+        step=step,
     )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence as Seq
 
 from hedgerow.drafting.branch import Hedge, match
+from hedgerow.drafting.plan import StepPlan
 from hedgerow.drafting.proposer import Drafts
 from hedgerow.server.engine.kv_cache import SlotKVCache
 from hedgerow.server.engine.scheduler import Scheduler
@@ -38,6 +39,8 @@ class StepOutput:
     error: str | None = None
     # the draft and accepted tokens above by proposer ("model", "ngram"), for each that drafted
     proposers: dict[str, ProposerCounts] = field(default_factory=dict)
+    draft_budget: int = 0  # the draft model's tokens (chain) or nodes (tree) the policy allowed this step
+    ngram_budget: int = 0  # the n-gram nodes the policy allowed this step
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Committed:
 
 def commit(
     batch: Seq[Sequence],
+    plan: StepPlan,
     drafts: Drafts,
     results: Seq[Acceptance],
     hedges: Seq[list[Hedge]],
@@ -61,7 +65,9 @@ def commit(
 ) -> Committed:
     out = Committed([], {}, [], [], [])
     keep_slots, keep_rows, keep_dst = [], [], []
-    for seq, tree, res, branches, offered in zip(batch, drafts.trees, results, hedges, drafts.ngram):
+    ngram_budgets = plan.ngram or [0] * len(batch)
+    for seq, tree, res, branches, offered, budget, ngram_budget in zip(
+            batch, drafts.trees, results, hedges, drafts.ngram, plan.sizes, ngram_budgets):
         start = seq.target_len
         kept, reason = [], None
         for tok in res.tokens:
@@ -91,7 +97,8 @@ def commit(
             seq.target_len = start + len(res.path)
             commit_draft(seq, tree, res.path)
         out.outputs.append(StepOutput(seq.request_id, kept, reason, seq, tree.num_draft_tokens, accepted,
-                                      len(branches), hit is not None, proposers=proposers))
+                                      len(branches), hit is not None, proposers=proposers, draft_budget=budget,
+                                      ngram_budget=ngram_budget))
     target_cache.compact(keep_slots, keep_rows, keep_dst)
     return out
 

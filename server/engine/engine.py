@@ -58,7 +58,8 @@ class Engine:
         self.proposer = Proposer(drafter, config.hedge_alternatives, config.ngram_pool)
         # without a draft model nothing drafts with one: its line is timed on the target, unused
         self.policy.calibrate(pass_timer({"target": target, "draft": draft or target}, clock))
-        self.verifier = Verifier(target, overlap=config.hedge_alternatives is not None and draft is not None)
+        self.verifier = Verifier(target, overlap=config.hedge_alternatives is not None and draft is not None,
+                                 eos_token_ids=self.eos_token_ids)
         self.times = PhaseTotals()
         self._ready: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sequence -> hedge that came true
         self._busy_since: float | None = None  # end of the last step, while requests remained
@@ -79,6 +80,12 @@ class Engine:
             raise HedgerowError(f"prompt_token_ids: {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
         if request.max_new_tokens < 1:
             raise HedgerowError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        if not 0 <= request.min_tokens <= request.max_new_tokens:
+            raise HedgerowError(f"min_tokens must be in [0, max_new_tokens {request.max_new_tokens}], "
+                                f"got {request.min_tokens}")
+        bad = [t for t in request.stop_token_ids if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise HedgerowError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
         self._check_draft(spec, "; this server has none")
         if self.scheduler.find(request.request_id) is not None:
             raise HedgerowError(f"request_id {request.request_id!r} is already in flight")
@@ -125,7 +132,7 @@ class Engine:
             flat = flatten(drafts.trees, [s.target_len for s in batch])
             results, hedges = self.verifier.verify(batch, drafts, flat, lambda: self.proposer.hedge(batch, drafts))
             clock.lap("verify")
-            done = commit(batch, drafts, results, hedges, self._stop_reason, self.scheduler, self.target.cache,
+            done = commit(batch, plan, drafts, results, hedges, self._stop_reason, self.scheduler, self.target.cache,
                           self.proposer.commit)
             self._ready.update(done.ready)
             self.proposer.retire([o.sequence for o in done.outputs if o.finish_reason is not None])
@@ -175,6 +182,8 @@ class Engine:
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         if token in self.eos_token_ids and not seq.request.ignore_eos:
             return FinishReason.EOS
+        if token in seq.request.stop_token_ids:
+            return FinishReason.STOP
         if seq.num_generated >= seq.request.max_new_tokens or len(seq.tokens) >= self.config.max_model_len:
             return FinishReason.LENGTH
         return None

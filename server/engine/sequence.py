@@ -37,6 +37,8 @@ class Request:
     max_new_tokens: int = 128
     spec: SpecParams | None = None  # None: the engine's default
     ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()  # also end the request (FinishReason.STOP), kept in the output
+    min_tokens: int = 0  # EOS (unless ignore_eos) and stop_token_ids are masked out before this many new tokens
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,12 @@
 
 With an overlap mode the target verifies in a worker thread (its own CUDA stream on a GPU) while
 the draft drafts hedge branches here (drafting/branch.py); both results come back together.
+
+``min_tokens``: until a request has that many new tokens, the target's logits of its stop tokens
+(EOS unless ``ignore_eos``, and ``stop_token_ids``) are -inf at every node whose token would come
+before it: node u of depth d emits the request's token number ``num_generated + d``. Acceptance
+then verifies against the masked distribution, as plain decoding with the same mask draws from it,
+so the rule stays exact (a draft token the mask forbids is simply rejected).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from hedgerow.verify.flatten import FlatBatch
 
 
 class Verifier:
-    def __init__(self, target: ModelRunner, overlap: bool):
+    def __init__(self, target: ModelRunner, overlap: bool, eos_token_ids: frozenset[int] = frozenset()):
         self.target = target
+        self.eos_token_ids = eos_token_ids
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hedgerow-target") if overlap else None
         self._stream = torch.cuda.Stream(target.device) if overlap and target.device.type == "cuda" else None
 
@@ -47,9 +54,28 @@ class Verifier:
 
     def _accept(self, batch: Seq[Sequence], drafts: Drafts, flat: FlatBatch) -> list[Acceptance]:
         with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-            logits = self.target.logits(self.target.forward([s.target_slot for s in batch], flat))
+            logits = self.target.logits(self.target.forward([s.target_slot for s in batch], flat))  # [B, N, vocab]
+            logits = self._mask_stops(batch, drafts, logits)
             generators = [s.generator(self.target.device) for s in batch]
             return accept(drafts.trees, logits, [s.sampling for s in batch], generators)
+
+    def _mask_stops(self, batch: Seq[Sequence], drafts: Drafts, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with each sequence's stop tokens at -inf where ``min_tokens`` forbids them
+        (module docstring); the same tensor when no sequence needs it."""
+        masked = None
+        for i, seq in enumerate(batch):
+            need = seq.request.min_tokens - seq.num_generated  # tokens still to come before a stop is allowed
+            if need <= 0:
+                continue
+            stops = set(seq.request.stop_token_ids) | (set() if seq.request.ignore_eos else set(self.eos_token_ids))
+            if not stops:
+                continue
+            tree = drafts.trees[i]
+            nodes = torch.nonzero(tree.depths() < need).flatten().to(logits.device)
+            masked = logits.clone() if masked is None else masked
+            rows = masked[i, : tree.num_nodes]
+            rows[nodes.unsqueeze(1), torch.tensor(sorted(stops), device=logits.device)] = float("-inf")
+        return logits if masked is None else masked
 
     def close(self) -> None:
         if self._worker is not None:

@@ -94,7 +94,8 @@ class Proxy:
         rpc = await self.backend.generate(msg, stream=body.stream, timeout=self.config.request_timeout)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return await stream_response(request, rpc, shape, include_usage, prompt_param)
+            steps = body.hedgerow is not None and body.hedgerow.step_stats
+            return await stream_response(request, rpc, shape, include_usage, prompt_param, steps)
         watch = asyncio.create_task(cancel_on_disconnect(request, rpc))
         try:
             return shape.response(await call(rpc, prompt_param=prompt_param))

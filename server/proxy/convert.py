@@ -36,6 +36,9 @@ def to_proto(body, request_id: str, *, prompt: str | list[int]):
         msg.stopping.max_new_tokens = n
     msg.stopping.stop.extend(body.stops())
     msg.stopping.ignore_eos = body.ignore_eos
+    msg.stopping.stop_token_ids.extend(body.stop_token_ids or ())
+    if body.min_tokens is not None:
+        msg.stopping.min_tokens = body.min_tokens
     spec = body.hedgerow.speculation if body.hedgerow else None
     if spec is not None:
         msg.speculation.SetInParent()
@@ -49,9 +52,13 @@ def to_proto(body, request_id: str, *, prompt: str | list[int]):
     return msg
 
 
-def usage(u) -> dict:
+def usage(u, s) -> dict:
+    """OpenAI's usage object; ``completion_tokens_details`` counts the accepted draft tokens of the
+    completion (``accepted_prediction_tokens``) and the drafted ones the target rejected."""
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "completion_tokens_details": {"accepted_prediction_tokens": s.accepted_tokens,
+                                          "rejected_prediction_tokens": s.draft_tokens - s.accepted_tokens}}
 
 
 def _rate(s) -> float | None:
@@ -61,6 +68,13 @@ def _rate(s) -> float | None:
 def stats(s) -> dict:
     return {"verify_steps": s.verify_steps, "draft_tokens": s.draft_tokens, "accepted_tokens": s.accepted_tokens,
             "acceptance_rate": _rate(s), "proposers": proposers(s.proposers)}
+
+
+def step_stats(step) -> dict:
+    """One engine step's stats (a stream message's ``StepStats``), for a chunk's ``hedgerow`` object."""
+    return {"draft_tokens": step.draft_tokens, "accepted_tokens": step.accepted_tokens,
+            "proposers": proposers(step.proposers), "draft_budget": step.draft_budget,
+            "ngram_budget": step.ngram_budget}
 
 
 def proposers(entries) -> dict:
@@ -89,7 +103,7 @@ class Shape:
         else:
             choice = {"index": 0, "text": resp.text, "logprobs": None, "finish_reason": reason}
         return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
-                "usage": usage(resp.usage), "hedgerow": stats(resp.stats)}
+                "usage": usage(resp.usage, resp.stats), "hedgerow": stats(resp.stats)}
 
     def chunk(self, text: str | None, reason: str | None = None, *, role: bool = False) -> dict:
         if self.chat:

@@ -16,7 +16,8 @@ Unsupported options are refused, never silently ignored: ``n`` > 1, ``best_of`` 
 ``frequency_penalty``, tools and functions, a ``response_format`` other than text, non-text
 message parts. An unknown parameter is refused too, as OpenAI does (a typo must not pass unseen).
 
-Extensions (through the SDK's ``extra_body``): ``top_k``, ``ignore_eos``, and
+Extensions (through the SDK's ``extra_body``): ``top_k``, ``ignore_eos``, ``stop_token_ids`` and
+``min_tokens`` (vLLM's), ``hedgerow.step_stats`` (streams: per-step speculation stats in each chunk), and
 ``hedgerow: {"speculation": {"mode": "plain"|"chain"|"tree", "draft_tokens": G, "tree_budget": B,
 "proposer": "model"|"ngram"|"hybrid", "ngram_max": N, "ngram_min": M}}`` (absent fields keep the
 server's defaults; speculation only ever changes speed, never the output).
@@ -101,6 +102,7 @@ class SpeculationOptions(_Body):
 
 class HedgerowOptions(_Body):
     speculation: SpeculationOptions | None = None
+    step_stats: bool = False  # streams: each chunk's hedgerow object carries its engine step's stats
 
 
 class StreamOptions(_Body):
@@ -122,6 +124,8 @@ class _Generation(_Body):
     # extensions
     top_k: int | None = None
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None  # vLLM's: also stop after any of these tokens
+    min_tokens: int | None = None  # vLLM's: no EOS or stop token before this many new tokens
     hedgerow: HedgerowOptions | None = None
     # refused unless left at their defaults
     n: int | None = None
@@ -150,6 +154,12 @@ class _Generation(_Body):
             raise bad("seed", f"must be in [0, 2^63), got {self.seed}")
         int32("max_tokens", self.max_tokens, low=1)
         int32("top_k", self.top_k)
+        int32("min_tokens", self.min_tokens)
+        for i, t in enumerate(self.stop_token_ids or ()):
+            if not 0 <= t < 2**32:
+                raise bad(f"stop_token_ids[{i}]", f"= {t} is not a token id (ids are in [0, vocabulary size))")
+        if self.hedgerow is not None and self.hedgerow.step_stats and not self.stream:
+            raise bad("hedgerow.step_stats", "is only allowed when stream is true")
         self.stops()
         spec = self.hedgerow.speculation if self.hedgerow else None
         if spec is not None:

@@ -12,7 +12,7 @@ import grpc
 from fastapi.responses import StreamingResponse
 
 from hedgerow.server.proxy.backend import call, cancel_on_disconnect, grpc_error
-from hedgerow.server.proxy.convert import FINISH, Shape, stats, usage
+from hedgerow.server.proxy.convert import FINISH, Shape, stats, step_stats, usage
 from hedgerow.server.proxy.schema import ApiError
 
 
@@ -20,7 +20,8 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def stream_response(request, rpc, shape: Shape, include_usage: bool, prompt_param: str) -> StreamingResponse:
+async def stream_response(request, rpc, shape: Shape, include_usage: bool, prompt_param: str,
+                          steps: bool = False) -> StreamingResponse:
     """The HTTP response of a ``GenerateStream`` call, cancelled if the client goes away."""
     watch = asyncio.create_task(cancel_on_disconnect(request, rpc))
     try:  # the first message decides the HTTP status: a refusal is a 4xx, not an error event
@@ -32,12 +33,14 @@ async def stream_response(request, rpc, shape: Shape, include_usage: bool, promp
     if first is grpc.aio.EOF:
         watch.cancel()
         raise ApiError(500, "the server ended the stream without a response", type="server_error")
-    return StreamingResponse(stream_events(rpc, watch, first, shape, include_usage, prompt_param),
+    return StreamingResponse(stream_events(rpc, watch, first, shape, include_usage, prompt_param, steps),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def stream_events(rpc, watch, first, shape: Shape, include_usage: bool, prompt_param: str):
-    """SSE lines of one streamed generation: a chunk per server message with text, a last chunk with
+async def stream_events(rpc, watch, first, shape: Shape, include_usage: bool, prompt_param: str,
+                        steps: bool = False):
+    """SSE lines of one streamed generation: a chunk per server message with text (``steps``: per
+    server message, with its step's stats in ``hedgerow.step``, text or not), a last chunk with
     finish_reason and the stats, then (``include_usage``) one with ``choices: []`` and the usage, then
     ``[DONE]``. A failure after the first message becomes an error event. However it ends (done,
     failed, client gone), the gRPC call is cancelled if still open."""
@@ -50,12 +53,14 @@ async def stream_events(rpc, watch, first, shape: Shape, include_usage: bool, pr
             yield event(shape.chunk(None, role=True))
         msg = first
         while msg is not grpc.aio.EOF:
-            if msg.text:
+            if steps and msg.HasField("step"):
+                yield event({**shape.chunk(msg.text), "hedgerow": {"step": step_stats(msg.step)}})
+            elif msg.text:
                 yield event(shape.chunk(msg.text))
             if (reason := FINISH.get(msg.finish_reason)) is not None:
                 yield event({**shape.chunk(None, reason), "hedgerow": stats(msg.stats)})
                 if include_usage:
-                    yield sse({**shape.chunk(None), "choices": [], "usage": usage(msg.usage)})
+                    yield sse({**shape.chunk(None), "choices": [], "usage": usage(msg.usage, msg.stats)})
                 break
             msg = await rpc.read()
         else:

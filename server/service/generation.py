@@ -140,6 +140,11 @@ class GenerationService(pb_grpc.GenerationServicer):
                 async for piece in pieces:
                     msg = pb.GenerateStreamResponse(request_id=piece.update.request_id, text=piece.text,
                                                     token_ids=piece.update.token_ids)
+                    if (step := piece.update.step) is not None:
+                        msg.step.CopyFrom(pb.StepStats(
+                            draft_tokens=step.draft_tokens, accepted_tokens=step.accepted_tokens,
+                            proposers=proposer_stats(step.proposers), draft_budget=step.draft_budget,
+                            ngram_budget=step.ngram_budget))
                     if piece.finish_reason is not None:
                         msg.finish_reason = FINISH[piece.finish_reason]
                         msg.usage.CopyFrom(_usage(piece.update))

@@ -45,6 +45,7 @@ class ServiceConfig:
     default_max_new_tokens: int = 128  # capped at max_model_len
     max_stop_strings: int = 16
     max_stop_chars: int = 256  # per stop string
+    max_stop_token_ids: int = 64
     max_request_id_chars: int = 256
     max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a text prompt, refused before it is tokenized
 
@@ -60,7 +61,8 @@ class ServiceConfig:
         the service, which refuses it by name and counts it; beyond that gRPC refuses the message
         itself (RESOURCE_EXHAUSTED) before parsing or inflating more of it."""
         largest = max(self.max_prompt_bytes, 5 * max_model_len)
-        extras = 4 * (self.max_stop_strings * self.max_stop_chars + self.max_request_id_chars) + 1024
+        extras = 4 * (self.max_stop_strings * self.max_stop_chars + self.max_request_id_chars) \
+            + 5 * self.max_stop_token_ids + 1024
         return 4 * (largest + extras)
 
 
@@ -98,11 +100,20 @@ class RequestConverter:
                 raise HedgerowError(f"stopping.stop[{i}] is empty")
             if len(s) > cfg.max_stop_chars:
                 raise HedgerowError(f"stopping.stop[{i}] is {len(s)} characters; at most {cfg.max_stop_chars}")
+        stop_ids = tuple(stopping.stop_token_ids)
+        if len(stop_ids) > cfg.max_stop_token_ids:
+            raise HedgerowError(f"stopping.stop_token_ids has {len(stop_ids)} ids; at most {cfg.max_stop_token_ids}")
+        for i, t in enumerate(stop_ids):
+            if t >= self.vocab_size:
+                raise HedgerowError(f"stopping.stop_token_ids[{i}] = {t} is outside the vocabulary [0, {self.vocab_size})")
+        if stopping.min_tokens > max_new:
+            raise HedgerowError(f"stopping.min_tokens must be in [0, max_new_tokens {max_new}], got {stopping.min_tokens}")
         spec = self._spec(msg.speculation) if msg.HasField("speculation") else None
         if text is not None:  # last: the one expensive step, once everything else is known to be fine
             ids = await asyncio.get_running_loop().run_in_executor(self.pool, self.tokenizer.encode, text)
             ids = self._check_length(tuple(ids), "prompt")
-        return Request(rid, ids, sampling, max_new, spec, ignore_eos=stopping.ignore_eos), stops
+        return Request(rid, ids, sampling, max_new, spec, ignore_eos=stopping.ignore_eos, stop_token_ids=stop_ids,
+                       min_tokens=stopping.min_tokens), stops
 
     def _prompt(self, msg: pb.GenerateRequest) -> tuple[str | None, tuple[int, ...]]:
         """The prompt as (text, None) or (None, token ids), checked for size and range."""
