@@ -24,7 +24,7 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     steps = [s.strip() for s in readme_command("test-command").split("&&")]
     assert steps[0] == CPU_TORCH  # PyPI's torch==2.13.0 is the CUDA build
-    assert steps[1] == 'pip install -e ".[dev,cuda]"'
+    assert steps[1] == 'pip install -e ".[dev,cuda,ray]"'
     lines = [line.strip() for line in ci.splitlines()]
     for step in steps[:2]:
         assert f"python -m pip install -q {step.removeprefix('pip install ')}" in lines, step
