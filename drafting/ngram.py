@@ -15,7 +15,7 @@ first out).
 
 Lossless: a continuation depends only on committed tokens (and, when grafted, on the draft
 model's tokens), never on the target's verdict, so each n-gram node is a point mass on its token
-and the walk verifies it with the mixed rule of algorithms.md §2.7.
+and the walk verifies it with the mixed rule of docs/algorithms.md §2.7.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def graft(tree: DraftTree, continuations: Seq[Continuation], budget: int) -> Dra
     """``tree`` with the continuations merged in as a trie of point-mass nodes, at most ``budget``
     new ones: each follows the tree while the tree has a child with its next token (the model's
     node, then, stands for both), and leaves it as a new child numbered after every existing node,
-    so at every node the n-gram children are tested after the draft model's (algorithms.md §2.7).
+    so at every node the n-gram children are tested after the draft model's (docs/algorithms.md §2.7).
     A continuation is cut where the budget runs out."""
     tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
     first = len(tokens)

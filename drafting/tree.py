@@ -9,7 +9,7 @@ Construction, per sequence, one batched draft forward per tree level:
 A node's score is its cumulative draft log-probability from the root. Dynamic trees expand the
 ``width`` best-scoring newest nodes; static trees expand exactly the nodes of a fixed shape.
 
-Losslessness decides how children are chosen and pruned (algorithms.md §2):
+Losslessness decides how children are chosen and pruned (docs/algorithms.md §2):
 - greedy requests: children are the draft's top-k (deterministic, ``ChildRule.POINT_MASS``);
   dynamic trees then keep the ``budget`` best nodes of everything drafted (EAGLE-2's rerank:
   any deterministic tree is verified exactly by the point-mass rule).

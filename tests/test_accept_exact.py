@@ -8,7 +8,7 @@ and every outcome of the walk, and compare the distribution of the first T emitt
 target's own joint distribution. Tokens past the end of one step come from the target itself (what
 the next step reproduces by induction).
 
-The biased rules of algorithms.md §2.4 (and the classic "resample from p" chain mistake) are run
+The biased rules of docs/algorithms.md §2.5 (and the classic "resample from p" chain mistake) are run
 through the same harness as negative controls: the harness must see their bias. So are the mixed
 rule of §2.7 (draws from q beside n-gram point masses) and its three biased variants.
 """
@@ -133,7 +133,7 @@ WARPS = [
 EXACT = 1e-9
 
 
-# --- chains (algorithms.md §1) ------------------------------------------------------------------
+# --- chains (docs/algorithms.md §1) -------------------------------------------------------------
 @pytest.mark.unit
 @pytest.mark.parametrize("params", WARPS, ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}")
 @pytest.mark.parametrize("gamma", [1, 3])
@@ -162,7 +162,7 @@ def test_negative_control_argmax_draft_verified_with_softmax_is_biased():
     assert max_error([1, 1], "topk", ChildRule.IID, WARPS[0]) > 1e-3
 
 
-# --- trees (algorithms.md §2) -------------------------------------------------------------------
+# --- trees (docs/algorithms.md §2) --------------------------------------------------------------
 @pytest.mark.unit
 @pytest.mark.parametrize("params", WARPS[:3], ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}")
 @pytest.mark.parametrize(
@@ -215,7 +215,7 @@ def test_sampling_walk_draws_from_the_exact_distribution():
     assert (counts / n - want).abs().max() < 0.015
 
 
-# --- mixed children: sampled by the draft model, deterministic from n-gram lookup (algorithms.md §2.7)
+# --- mixed children: sampled by the draft model, deterministic from n-gram lookup (docs/algorithms.md §2.7)
 def ngram_tokens(prefix: tuple, m: int) -> list[int]:
     """What lookup proposes after ``prefix``: m distinct tokens fixed by the prefix alone."""
     g = torch.Generator().manual_seed(hash((999,) + prefix) % 2**31)

@@ -1,4 +1,4 @@
-"""Flatten a batch of token trees into the tensors of one forward pass (algorithms.md §3).
+"""Flatten a batch of token trees into the tensors of one forward pass (docs/algorithms.md §3).
 
 Worked example: prefix of L = 5 cached tokens, tree ``parents = [-1, 0, 0, 1]``::
 

@@ -41,7 +41,7 @@ class DraftTree:
     point_mass_from: nodes from this index on were proposed deterministically whatever ``rule``
                  says (n-gram lookups): each is a point mass on its own token. Numbered after
                  every node ``rule`` covers, each is tested after all its siblings that ``rule``
-                 covers, the order the mixed rule needs (algorithms.md §2.7). None: no such node.
+                 covers, the order the mixed rule needs (docs/algorithms.md §2.7). None: no such node.
     """
 
     tokens: torch.Tensor
