@@ -61,6 +61,7 @@ def note_start(args: argparse.Namespace) -> None:
     """Remember the machine's load when the benchmark starts (the JSON records it beside the load at
     the end: a load well above the benchmark's own threads means something else was running)."""
     args._load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    args._started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -130,7 +131,8 @@ def new_config(kind: str, args: argparse.Namespace, **fields) -> dict:
         "schema_version": SCHEMA_VERSION,
         "command": command_line(args),
         "machine": machine,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # when note_start ran (the benchmark's start); the config itself is written at its end
+        "started": getattr(args, "_started_at", None) or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **fields,
     }
 
