@@ -192,7 +192,7 @@ def test_a_killed_replica_ends_its_requests_with_a_status_and_the_other_goes_on(
         assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), (code, details)
         assert details
     print(f"killed replica {victim}: {len(failed)} requests ended with {sorted({r[0].name for r in failed})} "
-          f"within {time.monotonic() - started:.1f} s; {len(served)} completed on the other")
+          f"within {time.monotonic() - started:.1f} s ({failed[0][1][:160]!r}); {len(served)} completed on the other")
 
     # new requests are served while Serve replaces the dead replica, and then by two again
     (text, ids), replica = _generate(stub, PROMPTS[0])
