@@ -135,3 +135,13 @@ def run(args) -> int:
         ray.shutdown()
     print("hedgerow: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def run_serve(args) -> int:
+    """``hedgerow serve``'s command function once the Ray group is added to its parser: the single
+    process, or with ``--ray`` this module's ``run``."""
+    if args.ray:
+        return run(args)
+    from hedgerow.server.service.serve import run as serve_one
+
+    return serve_one(args)
