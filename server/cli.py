@@ -103,6 +103,11 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
             mod = importlib.import_module(module)
             mod.add_arguments(p)
             p.set_defaults(func=mod.run)
+            if name == "serve":  # hedgerow serve --ray: replicas on Ray Serve (server/scaleout)
+                from hedgerow.server.scaleout.cli import add_ray_arguments, run_serve
+
+                add_ray_arguments(p)
+                p.set_defaults(func=run_serve)
     return parser
 
 

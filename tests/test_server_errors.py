@@ -80,11 +80,17 @@ def test_bad_input_is_invalid_argument_naming_the_field(server, case):
 
 
 @pytest.mark.live
-def test_speculation_needs_a_draft_model(tiny_tokenizer, references):
+def test_the_model_proposer_needs_a_draft_model(tiny_tokenizer, references):
+    """A server without a draft refuses what needs one (proposer model, or hybrid); a plain
+    request drafts nothing (an unset proposer there means ngram: tests/test_proposers_live.py)."""
     with LiveServer(make_engine(tiny_model("llama", seed=0), None, mode=SpecMode.PLAIN), tiny_tokenizer) as h:
-        with pytest.raises(grpc.RpcError) as err:
-            h.stub.Generate(req(PROMPTS[1], mode=pb.SPECULATION_MODE_CHAIN), timeout=30)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "speculation mode" in err.value.details()
+        for proposer in (pb.PROPOSER_MODEL, pb.PROPOSER_HYBRID):
+            msg = req(PROMPTS[1], mode=pb.SPECULATION_MODE_CHAIN)
+            msg.speculation.proposer = proposer
+            with pytest.raises(grpc.RpcError) as err:
+                h.stub.Generate(msg, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, proposer
+            assert "needs a draft model" in err.value.details(), err.value.details()
         plain = h.stub.Generate(req(PROMPTS[1]), timeout=60)
         assert list(plain.token_ids) == references[1] and plain.stats.draft_tokens == 0
         # plain decoding drafts nothing, so no speculative step is counted
