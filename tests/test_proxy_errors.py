@@ -30,7 +30,8 @@ def test_chat_needs_a_chat_template(client, model):
 
 COMPLETION_BAD = {  # an edit of a valid body -> the parameter the 400 names
     "n=2": ({"n": 2}, "n"),
-    "logprobs": ({"logprobs": 2}, "logprobs"),
+    "logprobs 21": ({"logprobs": 21}, "logprobs"),
+    "logprobs true": ({"logprobs": True}, "logprobs"),
     "best_of": ({"best_of": 3}, "best_of"),
     "echo": ({"echo": True}, "echo"),
     "suffix": ({"suffix": "end"}, "suffix"),
@@ -62,8 +63,9 @@ COMPLETION_BAD = {  # an edit of a valid body -> the parameter the 400 names
 }
 CHAT_BAD = {
     "n=2": ({"n": 2}, "n"),
-    "logprobs": ({"logprobs": True}, "logprobs"),
-    "top_logprobs": ({"top_logprobs": 2}, "top_logprobs"),
+    "logprobs 2": ({"logprobs": 2}, "logprobs"),
+    "top_logprobs without logprobs": ({"top_logprobs": 2}, "top_logprobs"),
+    "top_logprobs 21": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     "tool_choice": ({"tool_choice": "required"}, "tool_choice"),
     "functions": ({"functions": [{"name": "f"}]}, "functions"),
@@ -104,7 +106,7 @@ def test_bad_chat_parameters_are_400(proxy, model, case):
 @pytest.mark.live
 def test_the_client_sees_refusals_as_bad_request(proxy, client, model):
     bad_mode = {"extra_body": {"hedgerow": {"speculation": {"mode": "x"}}}}
-    for kw in ({"n": 2}, {"temperature": -1}, {"logprobs": 1}, bad_mode):
+    for kw in ({"n": 2}, {"temperature": -1}, {"logprobs": 21}, bad_mode):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=model, prompt="x", max_tokens=4, **kw)
     for content in (b"{not json", b""):

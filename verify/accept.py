@@ -1,4 +1,4 @@
-"""Lossless acceptance of a draft tree against the target's distributions (algorithms.md §1, §2).
+"""Lossless acceptance of a draft tree against the target's distributions (docs/algorithms.md §1, §2).
 
 The walk starts at the root. At node u it tests u's children in order with the rule that matches
 how they were generated (``ChildRule``); the first accepted child becomes u and the walk goes on.
@@ -48,7 +48,7 @@ def node_outcomes(
     """Exact outcome distribution of recursive rejection sampling at one node.
 
     p: [vocab] target distribution at the node; q: [vocab] the draft distribution the children
-    were drawn from (unused for POINT_MASS). Rules, per algorithms.md §2.1:
+    were drawn from (unused for POINT_MASS). Rules, per docs/algorithms.md §2.1:
     - POINT_MASS: accept x w.p. r[x]; on rejection zero r[x] and renormalise.
     - IID: accept x w.p. min(1, r[x] / q[x]); on rejection r = norm(max(r - q, 0)).
     - WITHOUT_REPLACEMENT: as IID, with q' = q with the already-rejected tokens zeroed and renormalised.
@@ -82,10 +82,11 @@ def node_outcomes(
     return NodeOutcome(accept_probs=probs, residual=r)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Acceptance:
     path: list[int]  # accepted node indices from the root: [0, i1, ..., im]
     tokens: list[int]  # emitted tokens: the m accepted draft tokens, then the correction or bonus token
+    logprobs: list | None = None  # per emitted token, the target's (verify/logprobs.py), when asked
 
     @property
     def num_accepted(self) -> int:

@@ -80,6 +80,7 @@ class Update:
     # cumulative draft and accepted tokens by proposer ("model", "ngram"), for each that drafted
     proposers: tuple[tuple[str, ProposerCounts], ...] = ()
     step: StepStats | None = None  # this update's step; None for an end no step produced (ABORT, ERROR)
+    logprobs: tuple = ()  # per token of token_ids, the target's TokenLogprob, when the request asks
 
 
 class RequestStream:
@@ -246,7 +247,8 @@ class AsyncEngine:
             self._record(out)
             if out.finish_reason is not None:
                 del self._streams[out.request_id]
-            updates.append((stream, _update(out.sequence, out.token_ids, out.finish_reason, out.error, _step(out))))
+            updates.append((stream, _update(out.sequence, out.token_ids, out.finish_reason, out.error, _step(out),
+                                            out.logprobs)))
         self._set_load()  # metrics first: a client that got its answer sees them up to date
         for stream, update in updates:
             stream._deliver(update)
@@ -283,7 +285,7 @@ def _step(out: StepOutput) -> StepStats | None:
 
 
 def _update(seq: Sequence, token_ids: list[int], reason: FinishReason | None, error: str | None,
-            step: StepStats | None = None) -> Update:
+            step: StepStats | None = None, logprobs=None) -> Update:
     return Update(
         request_id=seq.request_id,
         token_ids=tuple(token_ids),
@@ -296,4 +298,5 @@ def _update(seq: Sequence, token_ids: list[int], reason: FinishReason | None, er
         error=error,
         proposers=tuple(sorted(seq.stats.proposers.items())),
         step=step,
+        logprobs=tuple(logprobs or ()),
     )

@@ -39,6 +39,7 @@ class StepOutput:
     error: str | None = None
     # the draft and accepted tokens above by proposer ("model", "ngram"), for each that drafted
     proposers: dict[str, ProposerCounts] = field(default_factory=dict)
+    logprobs: list | None = None  # per committed token, the target's TokenLogprob, when the request asks
     draft_budget: int = 0  # the draft model's tokens (chain) or nodes (tree) the policy allowed this step
     ngram_budget: int = 0  # the n-gram nodes the policy allowed this step
 
@@ -98,7 +99,8 @@ def commit(
             commit_draft(seq, tree, res.path)
         out.outputs.append(StepOutput(seq.request_id, kept, reason, seq, tree.num_draft_tokens, accepted,
                                       len(branches), hit is not None, proposers=proposers, draft_budget=budget,
-                                      ngram_budget=ngram_budget))
+                                      ngram_budget=ngram_budget,
+                                      logprobs=res.logprobs[: len(kept)] if res.logprobs is not None else None))
     target_cache.compact(keep_slots, keep_rows, keep_dst)
     return out
 

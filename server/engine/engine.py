@@ -30,6 +30,7 @@ from hedgerow.server.engine.sequence import FinishReason, Request, Sequence
 from hedgerow.server.engine.timing import Clock, PhaseClock, PhaseTotals, pass_timer
 from hedgerow.server.engine.verifier import Verifier
 from hedgerow.verify.flatten import flatten
+from hedgerow.verify.logprobs import MAX_TOP_LOGPROBS
 
 
 @dataclass
@@ -83,6 +84,8 @@ class Engine:
         if not 0 <= request.min_tokens <= request.max_new_tokens:
             raise HedgerowError(f"min_tokens must be in [0, max_new_tokens {request.max_new_tokens}], "
                                 f"got {request.min_tokens}")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise HedgerowError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.logprobs}")
         bad = [t for t in request.stop_token_ids if not 0 <= t < self.target.vocab_size]
         if bad:
             raise HedgerowError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")

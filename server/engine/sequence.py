@@ -39,6 +39,7 @@ class Request:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()  # also end the request (FinishReason.STOP), kept in the output
     min_tokens: int = 0  # EOS (unless ignore_eos) and stop_token_ids are masked out before this many new tokens
+    logprobs: int | None = None  # None: none; k: each token's logprob and its top k alternatives (k <= 20)
 
 
 @dataclass(frozen=True)

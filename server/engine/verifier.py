@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Callable, Sequence as Seq
 
 import torch
@@ -24,6 +25,7 @@ from hedgerow.server.engine.runner import ModelRunner
 from hedgerow.server.engine.sequence import Sequence
 from hedgerow.verify.accept import Acceptance, accept
 from hedgerow.verify.flatten import FlatBatch
+from hedgerow.verify.logprobs import token_logprobs
 
 
 class Verifier:
@@ -55,9 +57,11 @@ class Verifier:
     def _accept(self, batch: Seq[Sequence], drafts: Drafts, flat: FlatBatch) -> list[Acceptance]:
         with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
             logits = self.target.logits(self.target.forward([s.target_slot for s in batch], flat))  # [B, N, vocab]
-            logits = self._mask_stops(batch, drafts, logits)
-            generators = [s.generator(self.target.device) for s in batch]
-            return accept(drafts.trees, logits, [s.sampling for s in batch], generators)
+            results = accept(drafts.trees, self._mask_stops(batch, drafts, logits), [s.sampling for s in batch],
+                             [s.generator(self.target.device) for s in batch])
+            # logprobs from the raw logits: the target's own distribution, before any mask or warping
+            return [replace(res, logprobs=token_logprobs(logits[i], res.path, res.tokens, seq.request.logprobs))
+                    if seq.request.logprobs is not None else res for i, (seq, res) in enumerate(zip(batch, results))]
 
     def _mask_stops(self, batch: Seq[Sequence], drafts: Drafts, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` with each sequence's stop tokens at -inf where ``min_tokens`` forbids them

@@ -78,12 +78,14 @@ class Proxy:
 
     async def completions(self, body: CompletionRequest, request: Request):
         body.check()
-        shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", await self.served_model(body.model), int(time.time()))
+        shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", await self.served_model(body.model), int(time.time()),
+                      body.top_logprobs_asked() is not None)
         return await self.generate(request, body, shape, body.prompt_input(), "prompt")
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         body.check()
-        shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", await self.served_model(body.model), int(time.time()))
+        shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", await self.served_model(body.model), int(time.time()),
+                      body.top_logprobs_asked() is not None)
         tokenizer = await call(self.backend.tokenizer())
         prompt = await asyncio.to_thread(render_chat, tokenizer, body.template_messages(), shape.model)
         return await self.generate(request, body, shape, prompt, "messages")

@@ -39,6 +39,8 @@ def to_proto(body, request_id: str, *, prompt: str | list[int]):
     msg.stopping.stop_token_ids.extend(body.stop_token_ids or ())
     if body.min_tokens is not None:
         msg.stopping.min_tokens = body.min_tokens
+    if (k := body.top_logprobs_asked()) is not None:
+        msg.logprobs, msg.top_logprobs = True, k
     spec = body.hedgerow.speculation if body.hedgerow else None
     if spec is not None:
         msg.speculation.SetInParent()
@@ -91,6 +93,27 @@ class Shape:
     id: str
     model: str
     created: int
+    logprobs: bool = False  # the request asked for logprobs
+
+    def logprobs_of(self, entries, offset: int = 0) -> dict | None:
+        """OpenAI's ``logprobs`` object of a choice (or a chunk's) from ``TokenLogprob`` messages;
+        ``offset``: characters of the completion before these tokens (completions' text_offset)."""
+        if not self.logprobs:
+            return None
+        if self.chat:
+            def item(t, lp):
+                return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+
+            return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(a.token, a.logprob)
+                                                                              for a in e.top_logprobs]}
+                                for e in entries], "refusal": None}
+        offsets = []
+        for e in entries:
+            offsets.append(offset)
+            offset += len(e.token)
+        return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{a.token: a.logprob for a in e.top_logprobs} for e in entries],
+                "text_offset": offsets}
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -99,18 +122,20 @@ class Shape:
         reason = FINISH.get(resp.finish_reason)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": resp.text},
-                      "logprobs": None, "finish_reason": reason}
+                      "logprobs": self.logprobs_of(resp.logprobs), "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": resp.text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": resp.text, "logprobs": self.logprobs_of(resp.logprobs),
+                      "finish_reason": reason}
         return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
                 "usage": usage(resp.usage, resp.stats), "hedgerow": stats(resp.stats)}
 
-    def chunk(self, text: str | None, reason: str | None = None, *, role: bool = False) -> dict:
+    def chunk(self, text: str | None, reason: str | None = None, *, role: bool = False,
+              logprobs: dict | None = None) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
 
 

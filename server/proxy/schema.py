@@ -11,8 +11,11 @@ mean (a length within the context, a speculation size within ``SPEC_LIMITS``) is
 check, with the one rule every surface shares, and its refusal reaches the client as a 400 naming
 the parameter.
 
+``logprobs`` (completions: an integer k, the top k alternatives; chat: ``true``, with
+``top_logprobs`` k) are the target's raw log-softmax (verify/logprobs.py), k <= 20.
+
 Unsupported options are refused, never silently ignored: ``n`` > 1, ``best_of`` > 1, ``echo``,
-``suffix``, ``logprobs``, ``top_logprobs``, ``logit_bias``, non-zero ``presence_penalty`` /
+``suffix``, ``logit_bias``, non-zero ``presence_penalty`` /
 ``frequency_penalty``, tools and functions, a ``response_format`` other than text, non-text
 message parts. An unknown parameter is refused too, as OpenAI does (a typo must not pass unseen).
 
@@ -34,6 +37,7 @@ SPEC_MODES = ("plain", "chain", "tree")  # the names of pb.SpeculationMode's val
 PROPOSERS = ("model", "ngram", "hybrid")  # the names of pb.Proposer's values, lower-case
 SPEC_SIZES = ("draft_tokens", "tree_budget", "ngram_max", "ngram_min")
 INT32 = 2**31  # int32 fields (max_new_tokens, top_k, speculation sizes) hold values below this
+MAX_TOP_LOGPROBS = 20  # the server's bound (verify/logprobs.py)
 
 
 class ApiError(Exception):
@@ -198,6 +202,10 @@ class CompletionRequest(_Generation):
 
     def check(self) -> None:
         super().check()
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise bad("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (the alternatives per token), "
+                                  f"got {self.logprobs!r}")
         if self.best_of not in (None, 1):
             raise unsupported("best_of",
                               f"best_of = {self.best_of} is not supported: Hedgerow returns one choice per request")
@@ -205,9 +213,11 @@ class CompletionRequest(_Generation):
             raise unsupported("echo", "echo is not supported by Hedgerow")
         if self.suffix:
             raise unsupported("suffix", "suffix (insertion) is not supported by Hedgerow")
-        if self.logprobs is not None:
-            raise unsupported("logprobs", "logprobs is not supported by Hedgerow")
         self.prompt_input()
+
+    def top_logprobs_asked(self) -> int | None:
+        """None: no logprobs; k: each token's logprob and its top k alternatives."""
+        return self.logprobs
 
     def prompt_input(self) -> str | list[int]:
         """The prompt as text or token ids."""
@@ -289,10 +299,13 @@ class ChatCompletionRequest(_Generation):
 
     def check(self) -> None:
         super().check()
-        if self.logprobs not in (None, False):
-            raise unsupported("logprobs", "logprobs is not supported by Hedgerow")
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            raise bad("logprobs", f"must be true or false, got {self.logprobs!r}")
         if self.top_logprobs is not None:
-            raise unsupported("top_logprobs", "top_logprobs is not supported by Hedgerow")
+            if not self.logprobs:
+                raise bad("top_logprobs", "needs logprobs: true")
+            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.tools or self.functions:
             name = "tools" if self.tools else "functions"
             raise unsupported(name, f"{name} is not supported: Hedgerow does no tool calling")
@@ -312,6 +325,9 @@ class ChatCompletionRequest(_Generation):
         if not self.messages:
             raise bad("messages", "is empty")
         self.template_messages()
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict]:
         return [m.for_template(i) for i, m in enumerate(self.messages)]

@@ -51,12 +51,15 @@ async def stream_events(rpc, watch, first, shape: Shape, include_usage: bool, pr
     try:
         if shape.chat:
             yield event(shape.chunk(None, role=True))
-        msg = first
+        msg, offset = first, 0
         while msg is not grpc.aio.EOF:
+            logprobs = shape.logprobs_of(msg.logprobs, offset) if msg.logprobs else None
+            offset += sum(len(e.token) for e in msg.logprobs)
+            chunk = shape.chunk(msg.text, logprobs=logprobs)
             if steps and msg.HasField("step"):
-                yield event({**shape.chunk(msg.text), "hedgerow": {"step": step_stats(msg.step)}})
-            elif msg.text:
-                yield event(shape.chunk(msg.text))
+                yield event({**chunk, "hedgerow": {"step": step_stats(msg.step)}})
+            elif msg.text or logprobs:
+                yield event(chunk)
             if (reason := FINISH.get(msg.finish_reason)) is not None:
                 yield event({**shape.chunk(None, reason), "hedgerow": stats(msg.stats)})
                 if include_usage:

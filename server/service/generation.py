@@ -41,6 +41,7 @@ from hedgerow.server.engine.sequence import FinishReason
 from hedgerow.server.errors import HedgerowError, OverloadedError
 from hedgerow.server.rpc import generation_pb2 as pb
 from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
+from hedgerow.server.service.logprobs import logprob_messages
 from hedgerow.server.service.requests import MODE_NAMES, PROPOSER_NAMES, RequestConverter, ServiceConfig
 from hedgerow.server.service.wire import Undecodable
 
@@ -74,6 +75,7 @@ class _Piece:
     update: Update
     text: str
     finish_reason: FinishReason | None
+    logprobs: list  # pb.TokenLogprob per token of the update, when the request asked
 
 
 class GenerationService(pb_grpc.GenerationServicer):
@@ -117,13 +119,14 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     # --- RPCs ------------------------------------------------------------------------------------
     async def Generate(self, request, context) -> pb.GenerateResponse:
-        text, ids, last = [], [], None
+        text, ids, logprobs, last = [], [], [], None
         self._enter()
         try:
             async with aclosing(self._generate(request, context)) as pieces:
                 async for piece in pieces:
                     text.append(piece.text)
                     ids.extend(piece.update.token_ids)
+                    logprobs.extend(piece.logprobs)
                     last = piece
         except Exception as exc:
             await self._abort(context, exc)
@@ -131,7 +134,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             self._leave()
         return pb.GenerateResponse(request_id=last.update.request_id, text="".join(text), token_ids=ids,
                                    finish_reason=FINISH[last.finish_reason], usage=_usage(last.update),
-                                   stats=_stats(last.update))
+                                   stats=_stats(last.update), logprobs=logprobs)
 
     async def GenerateStream(self, request, context):
         self._enter()
@@ -139,7 +142,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             async with aclosing(self._generate(request, context)) as pieces:
                 async for piece in pieces:
                     msg = pb.GenerateStreamResponse(request_id=piece.update.request_id, text=piece.text,
-                                                    token_ids=piece.update.token_ids)
+                                                    token_ids=piece.update.token_ids, logprobs=piece.logprobs)
                     if (step := piece.update.step) is not None:
                         msg.step.CopyFrom(pb.StepStats(
                             draft_tokens=step.draft_tokens, accepted_tokens=step.accepted_tokens,
@@ -273,7 +276,9 @@ class GenerationService(pb_grpc.GenerationServicer):
                 text, reason = text[:cut], FinishReason.STOP
                 stream.cancel(FinishReason.STOP)
             end = len(text) if reason is not None else max(sent, _safe_end(text, stops, longest))
-            yield _Piece(update, text[sent:end], reason)
+            logprobs = await asyncio.get_running_loop().run_in_executor(
+                self.pool, logprob_messages, self.tokenizer, update.logprobs) if update.logprobs else []
+            yield _Piece(update, text[sent:end], reason, logprobs)
             sent = end
             if reason is not None:
                 return

@@ -20,6 +20,7 @@ from hedgerow.drafting.spec import ProposerKind
 from hedgerow.server.engine.sequence import Request, SpecMode, SpecParams
 from hedgerow.server.errors import HedgerowError
 from hedgerow.server.rpc import generation_pb2 as pb
+from hedgerow.verify.logprobs import MAX_TOP_LOGPROBS
 from hedgerow.verify.sampling import SamplingParams
 
 MODES = {
@@ -108,12 +109,16 @@ class RequestConverter:
                 raise HedgerowError(f"stopping.stop_token_ids[{i}] = {t} is outside the vocabulary [0, {self.vocab_size})")
         if stopping.min_tokens > max_new:
             raise HedgerowError(f"stopping.min_tokens must be in [0, max_new_tokens {max_new}], got {stopping.min_tokens}")
+        if msg.top_logprobs and not msg.logprobs:
+            raise HedgerowError("top_logprobs needs logprobs")
+        if msg.top_logprobs > MAX_TOP_LOGPROBS:
+            raise HedgerowError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {msg.top_logprobs}")
         spec = self._spec(msg.speculation) if msg.HasField("speculation") else None
         if text is not None:  # last: the one expensive step, once everything else is known to be fine
             ids = await asyncio.get_running_loop().run_in_executor(self.pool, self.tokenizer.encode, text)
             ids = self._check_length(tuple(ids), "prompt")
         return Request(rid, ids, sampling, max_new, spec, ignore_eos=stopping.ignore_eos, stop_token_ids=stop_ids,
-                       min_tokens=stopping.min_tokens), stops
+                       min_tokens=stopping.min_tokens, logprobs=msg.top_logprobs if msg.logprobs else None), stops
 
     def _prompt(self, msg: pb.GenerateRequest) -> tuple[str | None, tuple[int, ...]]:
         """The prompt as (text, None) or (None, token ids), checked for size and range."""
