@@ -26,7 +26,7 @@ from hedgerow.server.cli_args import (DEFAULT_CPU_THREADS, DTYPE_NAMES, add_cpu_
                                       add_sampling_args, add_spec_args, apply_cpu_threads, device_name,
                                       int_at_least, spec_size)
 from hedgerow.server.cli_models import (_looks_local, build_engine, check_hub_id, check_model_source, eos_ids,
-                                        hub_unreachable, quiet_transformers, resolve_models, sampling_from_args,
+                                        hub_unreachable, resolve_models, sampling_from_args,
                                         spec_from_args)
 from hedgerow.server.errors import HedgerowError
 
@@ -34,7 +34,7 @@ __all__ = [
     "DEFAULT_CPU_THREADS", "DTYPE_NAMES", "HedgerowError", "add_cpu_threads_arg", "add_model_args",
     "add_sampling_args", "add_spec_args", "apply_cpu_threads", "build_engine", "build_parser", "check_hub_id",
     "check_model_source", "device_name", "eos_ids", "hub_unreachable", "int_at_least", "main",
-    "quiet_transformers", "resolve_models", "sampling_from_args", "spec_from_args", "spec_size",
+    "resolve_models", "sampling_from_args", "spec_from_args", "spec_size",
     "_looks_local",  # the loader's rule, restated without torch (tests/test_first_hour.py compares them)
 ]
 

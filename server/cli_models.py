@@ -100,19 +100,6 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     return None
 
 
-def quiet_transformers() -> None:
-    """No "Loading weights" bars from transformers while the command line loads models (one log
-    line says what loads). Download bars, from huggingface_hub, stay: they are progress worth
-    seeing. Only the command line calls this; a library user's settings are theirs."""
-    import huggingface_hub.utils as hub
-    from transformers.utils import logging as transformers_logging
-
-    download_bars = not hub.are_progress_bars_disabled()
-    transformers_logging.disable_progress_bar()  # also turns huggingface_hub's off
-    if download_bars:
-        hub.enable_progress_bars()
-
-
 def build_engine(args):
     """Load the pair and build an engine from the model, speculation and context flags."""
     target, draft = resolve_models(args)
@@ -123,14 +110,13 @@ def build_engine(args):
         what = f"target {target}" + (f" and draft {draft}" if draft else "")
     log.info("loading %s on %s", what, " and ".join(sorted(devices)))
     apply_cpu_threads(getattr(args, "cpu_threads", None), devices)
-    quiet_transformers()
 
     from hedgerow.server.engine.engine import Engine, EngineConfig
     from hedgerow.server.engine.runner import ModelRunner
     from hedgerow.server.models.loader import load_pair
 
     pair = load_pair(target, draft, target_device=args.target_device, draft_device=args.draft_device, dtype=args.dtype,
-                     model_impl=args.model_impl, max_len=args.max_model_len)
+                     model_impl=args.model_impl, max_len=args.max_model_len, quiet=True)
     slots = getattr(args, "max_batch_size", 1)
     config = EngineConfig(
         max_model_len=args.max_model_len,

@@ -297,10 +297,12 @@ def test_quiet_transformers_keeps_download_bars():
     import huggingface_hub.utils as hub
     from transformers.utils import logging as transformers_logging
 
+    from hedgerow.server.models.loader import quiet_transformers
+
     if hub.are_progress_bars_disabled():
         pytest.skip("progress bars are disabled in this environment")
     try:
-        cli.quiet_transformers()
+        quiet_transformers()
         assert not transformers_logging.is_progress_bar_enabled()
         assert not hub.are_progress_bars_disabled()
     finally:

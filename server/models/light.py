@@ -100,8 +100,7 @@ class LightTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
 
-def light_tokenizer(folder: Path) -> LightTokenizer | None:
-    """The folder's tokenizer without transformers, or None where that would not be exact."""
+def _light_tokenizer_config(folder: Path) -> dict | None:
     config = _json(folder / "tokenizer_config.json")
     if config is None or not (folder / "tokenizer.json").is_file():
         return None
@@ -110,7 +109,19 @@ def light_tokenizer(folder: Path) -> LightTokenizer | None:
     # transformers (>= 5, as pyproject requires) cleans up spaces on decode only when told to
     if config.get("clean_up_tokenization_spaces", False) is not False or any(k in config for k in _REWRITING_KEYS):
         return None
-    return LightTokenizer(folder, config)
+    return config
+
+
+def light_tokenizer(folder: Path) -> LightTokenizer | None:
+    """The folder's tokenizer without transformers, or None where that would not be exact."""
+    config = _light_tokenizer_config(folder)
+    return None if config is None else LightTokenizer(folder, config)
+
+
+def reads_light(path: str) -> bool:
+    """Whether the model at ``path`` (a folder or a hub id) loads natively without transformers."""
+    folder = Path(path).expanduser()
+    return folder.is_dir() and _light_tokenizer_config(folder) is not None and light_config(folder) is not None
 
 
 def light_config(folder: Path) -> SimpleNamespace | None:

@@ -16,7 +16,7 @@ import torch
 
 from hedgerow.server.errors import HedgerowError
 from hedgerow.server.models import hf
-from hedgerow.server.models.light import generation_defaults, light_tokenizer
+from hedgerow.server.models.light import generation_defaults, light_tokenizer, reads_light
 
 log = logging.getLogger("hedgerow.loader")
 MODEL_IMPLS = ("auto", "native", "transformers")
@@ -166,7 +166,12 @@ def load_pair(
     dtype: str | None = None,
     model_impl: str = "auto",
     max_len: int = 2048,
+    quiet: bool = False,
 ) -> LoadedPair:
+    """``quiet``: no "Loading weights" bars from transformers, where it is used at all (the command
+    line says what loads in one line)."""
+    if quiet and (model_impl == "transformers" or not all(reads_light(p) for p in (target, draft) if p)):
+        quiet_transformers()
     tdev = parse_device(target_device, "--target-device")
     ddev = parse_device(draft_device or target_device, "--draft-device")
     tokenizer = load_tokenizer(target, "target")
@@ -175,6 +180,19 @@ def load_pair(
     target_model = load_model(target, "target", tdev, resolve_dtype(dtype, tdev), model_impl, max_len)
     draft_model = load_model(draft, "draft", ddev, resolve_dtype(dtype, ddev), model_impl, max_len) if draft else None
     return LoadedPair(tokenizer, target_model, draft_model)
+
+
+def quiet_transformers() -> None:
+    """Turn transformers' progress bars off and keep huggingface_hub's download bars as they were
+    (transformers' switch turns both off): downloads are progress worth seeing. Only the command
+    line asks for this; a library user's settings are theirs."""
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as transformers_logging
+
+    download_bars = not hub.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    if download_bars:
+        hub.enable_progress_bars()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -198,7 +198,7 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from hedgerow.server.cli import quiet_transformers
+    from hedgerow.server.models.loader import quiet_transformers
 
     quiet_transformers()
     torch.set_num_threads(max(1, args.threads))
