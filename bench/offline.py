@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0, help="sampling: prompt i of repeat r uses seed + r * N + i")
+    g.add_argument("--background-load", type=int, default=0, metavar="N",
+                   help="keep N other processes busy for the whole run, as on a shared machine (default: 0)")
     g = p.add_argument_group("contenders")
     g.add_argument("--modes", type=csv(str, "--modes"), default=["plain", "chain", "tree"],
                    help="Hedgerow modes: plain, chain[@G], tree[@B], tree-static[@B], each optionally /model, /ngram "
@@ -80,16 +82,23 @@ def check_args(args) -> None:
     for flag in ("num_prompts", "max_new_tokens", "repeats"):
         if getattr(args, flag) < 1:
             raise HedgerowError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("warmup", "pass_samples"):
+    for flag in ("warmup", "pass_samples", "background_load"):
         if getattr(args, flag) < 0:
             raise HedgerowError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
 
 
 def run(args) -> int:
-    from hedgerow.server.cli import sampling_from_args
+    from hedgerow.bench.background import background_load
 
     note_start(args)
     check_args(args)
+    with background_load(args.background_load):
+        return _run(args)
+
+
+def _run(args) -> int:
+    from hedgerow.server.cli import sampling_from_args
+
     contenders = parse_contenders(args)
     if not contenders:
         raise HedgerowError("nothing to run: --modes and --baselines are both empty")
@@ -120,6 +129,7 @@ def run(args) -> int:
             target_device=str(engine.target.device), dtype=str(engine.target.dtype).removeprefix("torch."),
             prompts=args.prompts, num_prompts=n, prompt_tokens=[len(x) for x in prompt_ids],
             max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
+            background_load=args.background_load,
             engine={k: v for k, v in vars(engine.config).items() if isinstance(v, (int, float, str, bool))},
             sampling=dataclasses.asdict(sampling), greedy=sampling.greedy,
             contenders=[describe(c) for c in contenders],

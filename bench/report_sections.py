@@ -52,7 +52,9 @@ def offline_section(stem: str, data: dict, rel: str) -> list[str]:
         f"Models: target {target}{draft}; {cfg['target_device']}, {cfg['dtype']}. Workload: {cfg['prompts']}, "
         f"{cfg['num_prompts']} prompts ({min(cfg['prompt_tokens'])}–{max(cfg['prompt_tokens'])} prompt tokens), "
         f"up to {cfg['max_new_tokens']} new tokens, {sampling}, {cfg['repeats']} repeat(s) after "
-        f"{cfg['warmup']} warm-up prompt(s). Batch 1, one request at a time, contenders interleaved prompt by prompt.",
+        f"{cfg['warmup']} warm-up prompt(s). Batch 1, one request at a time, contenders interleaved prompt by prompt."
+        + (f" A background load of {cfg['background_load']} busy process(es) ran for the whole run "
+           "(`--background-load`)." if cfg.get("background_load") else ""),
         "",
         tables.offline(results),
         "",
