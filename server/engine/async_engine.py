@@ -5,6 +5,7 @@ it. Everything else talks to that thread through one thread-safe command queue:
 
     handler (event loop)                      engine thread
     submit(request) -> RequestStream ──add──▶ engine.add_request   (refusal goes back on the stream)
+    submit_group(requests)           ──add──▶ engine.add_request each, all or none
     stream.cancel()                  ──abort▶ engine.abort          (frees the KV slots)
                                               engine.step() ──▶ Update per request, to its stream
     async for update in stream      ◀──────── loop.call_soon_threadsafe(queue.put_nowait, ...)
@@ -143,11 +144,18 @@ class AsyncEngine:
     def submit(self, request: Request) -> RequestStream:
         """Queue a request; iterate the stream for its updates. A refusal (HedgerowError, or
         OverloadedError when the waiting queue is full) is raised by the first ``__anext__``."""
+        return self.submit_group([request])[0]
+
+    def submit_group(self, requests: list[Request]) -> list[RequestStream]:
+        """Queue requests together, in one command: they reach the engine between the same two
+        steps, in order (so the samples of one prompt are admitted together and share its
+        prefill), and all or none are taken: if the engine refuses one, every stream raises."""
         if not self._thread.is_alive():
             raise RuntimeError("the engine thread is not running")
-        stream = RequestStream(self, request, asyncio.get_running_loop())
-        self._commands.put(("add", stream, None))
-        return stream
+        loop = asyncio.get_running_loop()
+        streams = [RequestStream(self, request, loop) for request in requests]
+        self._commands.put(("add", streams, None))
+        return streams
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the engine thread; requests still in flight end with ABORT. Call it after the RPC
@@ -209,19 +217,26 @@ class AsyncEngine:
                 done.set()
             self._set_load()
 
-    def _add(self, stream: RequestStream) -> None:
-        rid = stream.request_id
+    def _add(self, streams: list[RequestStream]) -> None:
+        added = []
         try:
-            if rid in self._streams:
-                raise HedgerowError(f"request_id {rid!r} is already in flight")
-            stream.sequence = self.engine.add_request(stream.request)
-        except Exception as exc:  # HedgerowError: refused; anything else: a bug, this request's only
+            for stream in streams:
+                rid = stream.request_id
+                if rid in self._streams or any(s.request_id == rid for s in added):
+                    raise HedgerowError(f"request_id {rid!r} is already in flight")
+                stream.sequence = self.engine.add_request(stream.request)
+                added.append(stream)
+        except Exception as exc:  # HedgerowError: refused; anything else: a bug, these requests' only
             if not isinstance(exc, HedgerowError):
-                log.exception("add_request failed for %s", rid)
-            stream._deliver(exc)
+                log.exception("add_request failed for %s", streams[len(added)].request_id)
+            for stream in added:  # all or none
+                self.engine.abort(stream.request_id)
+            for stream in streams:
+                stream._deliver(exc)
             return
-        self._streams[rid] = stream
-        self.metrics.record_prompt(len(stream.request.prompt_ids))
+        for stream in streams:
+            self._streams[stream.request_id] = stream
+            self.metrics.record_prompt(len(stream.request.prompt_ids))
 
     def _step(self) -> None:
         started = time.perf_counter()

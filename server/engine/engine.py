@@ -165,18 +165,38 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> list[StepOutput]:
         """Cache every prompt token but the last, in the target and (for sequences that may draft)
         the draft; the last is the first step's root. The draft's prefill belongs here, not to
-        the first drafting step: a step's time must be a step's, for the cost policy's clock."""
-        todo = [s for s in seqs if s.prompt_len > 1]
+        the first drafting step: a step's time must be a step's, for the cost policy's clock.
+
+        A sample forked from another (``Request.fork_of``) copies that one's prompt rows, slot to
+        slot, instead of computing them: n samples of a prompt pay for one prefill. The copy comes
+        after the source's own prefill in this call, or from a source prefilled in an earlier step
+        (rows below its committed length never change); with no such source it prefills itself."""
+        sources = {s: self._fork_source(s, seqs) for s in seqs if s.prompt_len > 1}
         for runner, slot in ((self.target, "target_slot"), (self.draft, "draft_slot")):
-            rows = [s for s in todo if getattr(s, slot) is not None]
-            if runner is not None and rows:
-                runner.extend([getattr(s, slot) for s in rows], [0] * len(rows), [s.tokens[:-1] for s in rows],
+            rows = [s for s in sources if getattr(s, slot) is not None]
+            copies = [s for s in rows if sources[s] is not None and getattr(sources[s], slot) is not None]
+            fresh = [s for s in rows if s not in copies]
+            if runner is not None and fresh:
+                runner.extend([getattr(s, slot) for s in fresh], [0] * len(fresh), [s.tokens[:-1] for s in fresh],
                               self.config.prefill_chunk)
+            for s in copies if runner is not None else ():
+                runner.cache.copy_rows(getattr(sources[s], slot), getattr(s, slot), s.prompt_len - 1)
         for s in seqs:
             s.target_len = s.prompt_len - 1
             if s.draft_slot is not None:
                 s.draft_len = s.prompt_len - 1
         return []
+
+    def _fork_source(self, seq: Sequence, admitted: list[Sequence]) -> Sequence | None:
+        """The running sequence whose prompt rows ``seq`` may copy: the one ``fork_of`` names, of the
+        same prompt, not itself a fork, and prefilled by now (admitted with ``seq``, or before)."""
+        if seq.request.fork_of is None:
+            return None
+        src = self.scheduler.find(seq.request.fork_of)
+        if src is None or src is seq or src.target_slot is None or src.request.fork_of is not None \
+                or src.request.prompt_ids != seq.request.prompt_ids:
+            return None
+        return src if src in admitted or src.target_len >= src.prompt_len - 1 else None
 
     def _fail(self, seq: Sequence, exc: Exception) -> StepOutput:
         self.scheduler.finish(seq, FinishReason.ERROR)

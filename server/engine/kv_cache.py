@@ -66,6 +66,15 @@ class SlotKVCache:
         keys[plan.write_slots, :, plan.write_rows] = k.to(keys.dtype)
         values[plan.write_slots, :, plan.write_rows] = v.to(values.dtype)
 
+    # --- forking ---------------------------------------------------------------------------------
+    def copy_rows(self, src_slot: int, dst_slot: int, rows: int) -> None:
+        """Copy rows ``[0, rows)`` of ``src_slot`` into ``dst_slot``, every layer: a sample forked
+        from another of the same prompt starts from the prompt KV that one's prefill computed.
+        In place, so compiled passes and captured graphs still see the same tensors."""
+        for keys, values in zip(self.keys, self.values):
+            keys[dst_slot, :, :rows] = keys[src_slot, :, :rows]
+            values[dst_slot, :, :rows] = values[src_slot, :, :rows]
+
     # --- compaction ---------------------------------------------------------------------------
     def compact(self, slots: list[int], src_rows: list[list[int]], dst_start: list[int]) -> None:
         """For each sequence keep rows ``src_rows[i]`` (increasing), moved to ``dst_start[i]``, ...

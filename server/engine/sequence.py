@@ -40,6 +40,9 @@ class Request:
     stop_token_ids: tuple[int, ...] = ()  # also end the request (FinishReason.STOP), kept in the output
     min_tokens: int = 0  # EOS (unless ignore_eos) and stop_token_ids are masked out before this many new tokens
     logprobs: int | None = None  # None: none; k: each token's logprob and its top k alternatives (k <= 20)
+    # another request of the same prompt (a sample of the same n): once its prompt is prefilled, this
+    # one's KV slots copy its prompt rows instead of computing them (Engine._prefill); a hint only
+    fork_of: str | None = None
 
 
 @dataclass(frozen=True)
