@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chedgerow/v1/generation.proto\x12\x0bhedgerow.v1\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\x90\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\x12\x12\n\nmin_tokens\x18\x05 \x01(\rB\x11\n\x0f_max_new_tokens\"\x8a\x02\n\x11SpeculationParams\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1c.hedgerow.v1.SpeculationMode\x12\x19\n\x0c\x64raft_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btree_budget\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\'\n\x08proposer\x18\x04 \x01(\x0e\x32\x15.hedgerow.v1.Proposer\x12\x16\n\tngram_max\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\tngram_min\x18\x06 \x01(\x05H\x03\x88\x01\x01\x42\x0f\n\r_draft_tokensB\x0e\n\x0c_tree_budgetB\x0c\n\n_ngram_maxB\x0c\n\n_ngram_min\"\x9c\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.hedgerow.v1.SamplingParams\x12/\n\x08stopping\x18\x05 \x01(\x0b\x32\x1d.hedgerow.v1.StoppingCriteria\x12\x33\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1e.hedgerow.v1.SpeculationParams\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\rB\t\n\x07_prompt\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.hedgerow.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"g\n\rProposerStats\x12\'\n\x08proposer\x18\x01 \x01(\x0e\x32\x15.hedgerow.v1.Proposer\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\"{\n\x05Stats\x12\x14\n\x0cverify_steps\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12-\n\tproposers\x18\x04 \x03(\x0b\x32\x1a.hedgerow.v1.ProposerStats\"\x95\x01\n\tStepStats\x12\x14\n\x0c\x64raft_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12-\n\tproposers\x18\x03 \x03(\x0b\x32\x1a.hedgerow.v1.ProposerStats\x12\x14\n\x0c\x64raft_budget\x18\x04 \x01(\r\x12\x14\n\x0cngram_budget\x18\x05 \x01(\r\"\xec\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.hedgerow.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.hedgerow.v1.Usage\x12!\n\x05stats\x18\x06 \x01(\x0b\x32\x12.hedgerow.v1.Stats\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.hedgerow.v1.TokenLogprob\"\x98\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.hedgerow.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.hedgerow.v1.Usage\x12!\n\x05stats\x18\x06 \x01(\x0b\x32\x12.hedgerow.v1.Stats\x12$\n\x04step\x18\x07 \x01(\x0b\x32\x16.hedgerow.v1.StepStats\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.hedgerow.v1.TokenLogprob\"\x12\n\x10ModelInfoRequest\"\xe9\x01\n\x11ModelInfoResponse\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\r\n\x05\x64raft\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12;\n\x13\x64\x65\x66\x61ult_speculation\x18\x06 \x01(\x0b\x32\x1e.hedgerow.v1.SpeculationParams\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x08 \x01(\r*\x86\x01\n\x0fSpeculationMode\x12 \n\x1cSPECULATION_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SPECULATION_MODE_PLAIN\x10\x01\x12\x1a\n\x16SPECULATION_MODE_CHAIN\x10\x02\x12\x19\n\x15SPECULATION_MODE_TREE\x10\x03*a\n\x08Proposer\x12\x18\n\x14PROPOSER_UNSPECIFIED\x10\x00\x12\x12\n\x0ePROPOSER_MODEL\x10\x01\x12\x12\n\x0ePROPOSER_NGRAM\x10\x02\x12\x13\n\x0fPROPOSER_HYBRID\x10\x03*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\xf8\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.hedgerow.v1.GenerateRequest\x1a\x1d.hedgerow.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.hedgerow.v1.GenerateRequest\x1a#.hedgerow.v1.GenerateStreamResponse0\x01\x12J\n\tModelInfo\x12\x1d.hedgerow.v1.ModelInfoRequest\x1a\x1e.hedgerow.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chedgerow/v1/generation.proto\x12\x0bhedgerow.v1\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\x90\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\x12\x12\n\nmin_tokens\x18\x05 \x01(\rB\x11\n\x0f_max_new_tokens\"\x8a\x02\n\x11SpeculationParams\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1c.hedgerow.v1.SpeculationMode\x12\x19\n\x0c\x64raft_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btree_budget\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\'\n\x08proposer\x18\x04 \x01(\x0e\x32\x15.hedgerow.v1.Proposer\x12\x16\n\tngram_max\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\tngram_min\x18\x06 \x01(\x05H\x03\x88\x01\x01\x42\x0f\n\r_draft_tokensB\x0e\n\x0c_tree_budgetB\x0c\n\n_ngram_maxB\x0c\n\n_ngram_min\"\xa7\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.hedgerow.v1.SamplingParams\x12/\n\x08stopping\x18\x05 \x01(\x0b\x32\x1d.hedgerow.v1.StoppingCriteria\x12\x33\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1e.hedgerow.v1.SpeculationParams\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\r\x12\t\n\x01n\x18\t \x01(\rB\t\n\x07_prompt\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.hedgerow.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"g\n\rProposerStats\x12\'\n\x08proposer\x18\x01 \x01(\x0e\x32\x15.hedgerow.v1.Proposer\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\"{\n\x05Stats\x12\x14\n\x0cverify_steps\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12-\n\tproposers\x18\x04 \x03(\x0b\x32\x1a.hedgerow.v1.ProposerStats\"\x95\x01\n\tStepStats\x12\x14\n\x0c\x64raft_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12-\n\tproposers\x18\x03 \x03(\x0b\x32\x1a.hedgerow.v1.ProposerStats\x12\x14\n\x0c\x64raft_budget\x18\x04 \x01(\r\x12\x14\n\x0cngram_budget\x18\x05 \x01(\r\"\xab\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.hedgerow.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.hedgerow.v1.Usage\x12!\n\x05stats\x18\x06 \x01(\x0b\x32\x12.hedgerow.v1.Stats\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.hedgerow.v1.TokenLogprob\x12.\n\x07samples\x18\x08 \x03(\x0b\x32\x1d.hedgerow.v1.GenerateResponse\x12\r\n\x05index\x18\t \x01(\r\"\xa7\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.hedgerow.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.hedgerow.v1.Usage\x12!\n\x05stats\x18\x06 \x01(\x0b\x32\x12.hedgerow.v1.Stats\x12$\n\x04step\x18\x07 \x01(\x0b\x32\x16.hedgerow.v1.StepStats\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.hedgerow.v1.TokenLogprob\x12\r\n\x05index\x18\t \x01(\r\"\x12\n\x10ModelInfoRequest\"\xe9\x01\n\x11ModelInfoResponse\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\r\n\x05\x64raft\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12;\n\x13\x64\x65\x66\x61ult_speculation\x18\x06 \x01(\x0b\x32\x1e.hedgerow.v1.SpeculationParams\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x08 \x01(\r*\x86\x01\n\x0fSpeculationMode\x12 \n\x1cSPECULATION_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SPECULATION_MODE_PLAIN\x10\x01\x12\x1a\n\x16SPECULATION_MODE_CHAIN\x10\x02\x12\x19\n\x15SPECULATION_MODE_TREE\x10\x03*a\n\x08Proposer\x12\x18\n\x14PROPOSER_UNSPECIFIED\x10\x00\x12\x12\n\x0ePROPOSER_MODEL\x10\x01\x12\x12\n\x0ePROPOSER_NGRAM\x10\x02\x12\x13\n\x0fPROPOSER_HYBRID\x10\x03*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\xf8\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.hedgerow.v1.GenerateRequest\x1a\x1d.hedgerow.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.hedgerow.v1.GenerateRequest\x1a#.hedgerow.v1.GenerateStreamResponse0\x01\x12J\n\tModelInfo\x12\x1d.hedgerow.v1.ModelInfoRequest\x1a\x1e.hedgerow.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hedgerow.server.rpc.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SPECULATIONMODE']._serialized_start=2294
-  _globals['_SPECULATIONMODE']._serialized_end=2428
-  _globals['_PROPOSER']._serialized_start=2430
-  _globals['_PROPOSER']._serialized_end=2527
-  _globals['_FINISHREASON']._serialized_start=2530
-  _globals['_FINISHREASON']._serialized_end=2673
+  _globals['_SPECULATIONMODE']._serialized_start=2383
+  _globals['_SPECULATIONMODE']._serialized_end=2517
+  _globals['_PROPOSER']._serialized_start=2519
+  _globals['_PROPOSER']._serialized_end=2616
+  _globals['_FINISHREASON']._serialized_start=2619
+  _globals['_FINISHREASON']._serialized_end=2762
   _globals['_SAMPLINGPARAMS']._serialized_start=46
   _globals['_SAMPLINGPARAMS']._serialized_end=192
   _globals['_STOPPINGCRITERIA']._serialized_start=195
@@ -44,27 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPECULATIONPARAMS']._serialized_start=342
   _globals['_SPECULATIONPARAMS']._serialized_end=608
   _globals['_GENERATEREQUEST']._serialized_start=611
-  _globals['_GENERATEREQUEST']._serialized_end=895
-  _globals['_TOPLOGPROB']._serialized_start=897
-  _globals['_TOPLOGPROB']._serialized_end=959
-  _globals['_TOKENLOGPROB']._serialized_start=961
-  _globals['_TOKENLOGPROB']._serialized_end=1072
-  _globals['_USAGE']._serialized_start=1074
-  _globals['_USAGE']._serialized_end=1131
-  _globals['_PROPOSERSTATS']._serialized_start=1133
-  _globals['_PROPOSERSTATS']._serialized_end=1236
-  _globals['_STATS']._serialized_start=1238
-  _globals['_STATS']._serialized_end=1361
-  _globals['_STEPSTATS']._serialized_start=1364
-  _globals['_STEPSTATS']._serialized_end=1513
-  _globals['_GENERATERESPONSE']._serialized_start=1516
-  _globals['_GENERATERESPONSE']._serialized_end=1752
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1755
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2035
-  _globals['_MODELINFOREQUEST']._serialized_start=2037
-  _globals['_MODELINFOREQUEST']._serialized_end=2055
-  _globals['_MODELINFORESPONSE']._serialized_start=2058
-  _globals['_MODELINFORESPONSE']._serialized_end=2291
-  _globals['_GENERATION']._serialized_start=2676
-  _globals['_GENERATION']._serialized_end=2924
+  _globals['_GENERATEREQUEST']._serialized_end=906
+  _globals['_TOPLOGPROB']._serialized_start=908
+  _globals['_TOPLOGPROB']._serialized_end=970
+  _globals['_TOKENLOGPROB']._serialized_start=972
+  _globals['_TOKENLOGPROB']._serialized_end=1083
+  _globals['_USAGE']._serialized_start=1085
+  _globals['_USAGE']._serialized_end=1142
+  _globals['_PROPOSERSTATS']._serialized_start=1144
+  _globals['_PROPOSERSTATS']._serialized_end=1247
+  _globals['_STATS']._serialized_start=1249
+  _globals['_STATS']._serialized_end=1372
+  _globals['_STEPSTATS']._serialized_start=1375
+  _globals['_STEPSTATS']._serialized_end=1524
+  _globals['_GENERATERESPONSE']._serialized_start=1527
+  _globals['_GENERATERESPONSE']._serialized_end=1826
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1829
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2124
+  _globals['_MODELINFOREQUEST']._serialized_start=2126
+  _globals['_MODELINFOREQUEST']._serialized_end=2144
+  _globals['_MODELINFORESPONSE']._serialized_start=2147
+  _globals['_MODELINFORESPONSE']._serialized_end=2380
+  _globals['_GENERATION']._serialized_start=2765
+  _globals['_GENERATION']._serialized_end=3013
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,7 @@ class GenerationServicer:
     def GenerateStream(self, request, context):
         """One message per engine step that gave this request tokens: the tokens committed by that step
         and the text they complete. The last message also carries finish_reason, usage and stats.
+        With n > 1, each sample's messages, marked by index.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,8 +1,9 @@
 """The ``hedgerow.v1.Generation`` servicer: a thin edge around the engine thread.
 
-Per request: protobuf -> ``Request`` (``requests``: validated, tokenized on a worker thread) -> the
-engine thread (``hedgerow.server.engine.async_engine``) -> updates -> text (detokenized on a worker
-thread, stop strings applied) -> protobuf. Nothing here touches the engine itself, and nothing that
+Per request: protobuf -> its n samples' ``Request``s (``requests``: validated, tokenized on a worker
+thread) -> the engine thread (``hedgerow.server.engine.async_engine``, all samples in one command) ->
+updates -> text per sample (detokenized on a worker thread, stop strings applied) -> the samples'
+pieces merged as they come (``pieces``) -> protobuf, each message marked with its sample's index. Nothing here touches the engine itself, and nothing that
 grows with a request's size runs on the event loop.
 
 Status codes: bad input -> INVALID_ARGUMENT (also for what the engine refuses: a speculation mode
@@ -31,28 +32,22 @@ import logging
 import time
 from concurrent.futures import Executor
 from contextlib import aclosing
-from dataclasses import dataclass
 
 import grpc
 
 from hedgerow.server.detokenize import IncrementalDetokenizer
-from hedgerow.server.engine.async_engine import AsyncEngine, Update
+from hedgerow.server.engine.async_engine import AsyncEngine
 from hedgerow.server.engine.sequence import FinishReason
 from hedgerow.server.errors import HedgerowError, OverloadedError
 from hedgerow.server.rpc import generation_pb2 as pb
 from hedgerow.server.rpc import generation_pb2_grpc as pb_grpc
 from hedgerow.server.service.logprobs import logprob_messages
+from hedgerow.server.service.pieces import (Collected, Piece, find_stop, finished_unread, merge, safe_end,
+                                            stream_message)
 from hedgerow.server.service.requests import MODE_NAMES, PROPOSER_NAMES, RequestConverter, ServiceConfig
 from hedgerow.server.service.wire import Undecodable
 
 log = logging.getLogger("hedgerow.grpc")
-
-FINISH = {
-    FinishReason.EOS: pb.FINISH_REASON_EOS,
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.STOP: pb.FINISH_REASON_STOP,
-    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
-}
 
 
 class RequestFailed(Exception):
@@ -66,16 +61,6 @@ class Unavailable(Exception):
     def __init__(self, message: str, refused: bool):
         super().__init__(message)
         self.refused = refused
-
-
-@dataclass
-class _Piece:
-    """One message's worth: a step's tokens, the text they complete, and the end if it is one."""
-
-    update: Update
-    text: str
-    finish_reason: FinishReason | None
-    logprobs: list  # pb.TokenLogprob per token of the update, when the request asked
 
 
 class GenerationService(pb_grpc.GenerationServicer):
@@ -119,40 +104,24 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     # --- RPCs ------------------------------------------------------------------------------------
     async def Generate(self, request, context) -> pb.GenerateResponse:
-        text, ids, logprobs, last = [], [], [], None
+        collected, request_id = Collected(), ""
         self._enter()
         try:
             async with aclosing(self._generate(request, context)) as pieces:
-                async for piece in pieces:
-                    text.append(piece.text)
-                    ids.extend(piece.update.token_ids)
-                    logprobs.extend(piece.logprobs)
-                    last = piece
+                async for request_id, piece in pieces:
+                    collected.add(piece)
         except Exception as exc:
             await self._abort(context, exc)
         finally:
             self._leave()
-        return pb.GenerateResponse(request_id=last.update.request_id, text="".join(text), token_ids=ids,
-                                   finish_reason=FINISH[last.finish_reason], usage=_usage(last.update),
-                                   stats=_stats(last.update), logprobs=logprobs)
+        return collected.response(request_id)
 
     async def GenerateStream(self, request, context):
         self._enter()
         try:
             async with aclosing(self._generate(request, context)) as pieces:
-                async for piece in pieces:
-                    msg = pb.GenerateStreamResponse(request_id=piece.update.request_id, text=piece.text,
-                                                    token_ids=piece.update.token_ids, logprobs=piece.logprobs)
-                    if (step := piece.update.step) is not None:
-                        msg.step.CopyFrom(pb.StepStats(
-                            draft_tokens=step.draft_tokens, accepted_tokens=step.accepted_tokens,
-                            proposers=proposer_stats(step.proposers), draft_budget=step.draft_budget,
-                            ngram_budget=step.ngram_budget))
-                    if piece.finish_reason is not None:
-                        msg.finish_reason = FINISH[piece.finish_reason]
-                        msg.usage.CopyFrom(_usage(piece.update))
-                        msg.stats.CopyFrom(_stats(piece.update))
-                    yield msg
+                async for request_id, piece in pieces:
+                    yield stream_message(request_id, piece)
         except Exception as exc:
             await self._abort(context, exc)
         finally:
@@ -206,32 +175,43 @@ class GenerationService(pb_grpc.GenerationServicer):
         return await asyncio.get_running_loop().run_in_executor(self.pool, decode)
 
     async def _generate(self, msg, context):
-        """The request's pieces, one per engine step; raises HedgerowError (refused), Unavailable or
-        RequestFailed. However the RPC ends (client gone, deadline), the sequence is aborted, and
-        ``requests_total`` counts how it ended (refusals are counted by ``_abort``)."""
+        """The request's ``(request_id, piece)`` pairs, one piece per engine step of each sample;
+        raises HedgerowError (refused), Unavailable or RequestFailed (the first failure of any
+        sample ends the request). The samples are submitted together, so they share the prompt's
+        prefill (``hedgerow.server.engine.samples``)."""
         arrived = time.perf_counter()
-        outcome = None  # what requests_total{status} records; None: nothing (a refusal)
-        stream = None
+        if isinstance(msg, Undecodable):
+            raise HedgerowError(msg.reason)
+        self._check_open()
+        requests, stops = await self.convert(msg)
+        self._check_open()  # the server may have begun draining while the prompt was tokenized
         try:
-            if isinstance(msg, Undecodable):
-                raise HedgerowError(msg.reason)
-            self._check_open()
-            request, stops = await self.convert(msg)
-            self._check_open()  # the server may have begun draining while the prompt was tokenized
-            try:
-                stream = self.engine.submit(request)
-            except RuntimeError:  # the engine thread is gone
-                self.engine_died()
-                raise Unavailable("the server's engine stopped; the server is restarting", refused=True) from None
-            outcome = "cancelled"  # until it ends otherwise
-            context.add_done_callback(lambda _: stream.cancel())
+            streams = self.engine.submit_group(requests)
+        except RuntimeError:  # the engine thread is gone
+            self.engine_died()
+            raise Unavailable("the server's engine stopped; the server is restarting", refused=True) from None
+        context.add_done_callback(lambda _: [stream.cancel() for stream in streams])
+        try:
+            async with aclosing(merge([self._sample(s, stops, arrived) for s in streams])) as pieces:
+                async for piece in pieces:
+                    yield requests[0].request_id, piece
+        finally:
+            for stream in streams:  # also those whose pieces were never read
+                stream.cancel()
+
+    async def _sample(self, stream, stops: tuple[str, ...], arrived: float):
+        """One submitted sample's pieces. However it ends (done, failed, client gone, another sample
+        failed), its sequence is aborted and ``requests_total`` counts how it ended (each sample
+        once; a refusal is counted by ``_abort``)."""
+        outcome = "cancelled"  # what requests_total{status} records, until it ends otherwise; None: nothing
+        try:
             async with aclosing(self._pieces(stream, stops, arrived)) as pieces:
                 async for piece in pieces:
                     if piece.finish_reason is not None:  # recorded before the client can see the end
                         outcome = None
                         self.metrics.record_request(piece.finish_reason.value, time.perf_counter() - arrived)
                     yield piece
-        except HedgerowError:  # bad input, or refused by the engine at submission
+        except HedgerowError:  # refused by the engine at submission
             outcome = None
             raise
         except Unavailable as exc:
@@ -241,10 +221,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             outcome = "error"
             raise
         finally:
-            if stream is not None:
-                stream.cancel()
-                if outcome == "cancelled":  # ended early: by the client, or after the engine had finished?
-                    outcome = _finished_unread(stream) or outcome
+            stream.cancel()
+            if outcome == "cancelled":  # ended early: by the client, or after the engine had finished?
+                outcome = finished_unread(stream, outcome)
             if outcome is not None:
                 self.metrics.record_request(outcome, time.perf_counter() - arrived)
 
@@ -271,59 +250,14 @@ class GenerationService(pb_grpc.GenerationServicer):
             before = len(detok.emitted)
             reason = update.finish_reason
             text = await self._text(detok, update.token_ids, final=reason is not None)
-            cut = _find_stop(text, stops, max(0, before - longest + 1)) if stops else None
+            cut = find_stop(text, stops, max(0, before - longest + 1)) if stops else None
             if cut is not None:
                 text, reason = text[:cut], FinishReason.STOP
                 stream.cancel(FinishReason.STOP)
-            end = len(text) if reason is not None else max(sent, _safe_end(text, stops, longest))
+            end = len(text) if reason is not None else max(sent, safe_end(text, stops, longest))
             logprobs = await asyncio.get_running_loop().run_in_executor(
                 self.pool, logprob_messages, self.tokenizer, update.logprobs) if update.logprobs else []
-            yield _Piece(update, text[sent:end], reason, logprobs)
+            yield Piece(update, text[sent:end], reason, logprobs)
             sent = end
             if reason is not None:
                 return
-
-
-def _finished_unread(stream) -> str | None:
-    """How a request ended in the engine if its last update is already queued but was never read
-    (its client left between the engine finishing it and the handler reading that): counted so,
-    not as cancelled."""
-    while not stream.queue.empty():
-        item = stream.queue.get_nowait()
-        if isinstance(item, Update) and item.error is not None:
-            return "error"
-        if isinstance(item, Update) and item.finish_reason is not None:
-            return item.finish_reason.value
-    return None
-
-
-def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    """Index of the earliest stop string in ``text[start:]``, if any."""
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _safe_end(text: str, stops: tuple[str, ...], longest: int) -> int:
-    """How much of ``text`` can be sent: all but a tail that may be the start of a stop string."""
-    for i in range(max(0, len(text) - longest + 1), len(text)):
-        tail = text[i:]
-        if any(s.startswith(tail) for s in stops):
-            return i
-    return len(text)
-
-
-def _usage(u: Update) -> pb.Usage:
-    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
-
-
-def _stats(u: Update) -> pb.Stats:
-    return pb.Stats(verify_steps=u.verify_steps, draft_tokens=u.draft_tokens, accepted_tokens=u.accepted_tokens,
-                    proposers=proposer_stats(u.proposers))
-
-
-def proposer_stats(proposers) -> list[pb.ProposerStats]:
-    """``(name, ProposerCounts)`` pairs as messages, model first (the order of PROPOSER_NAMES)."""
-    counts = dict(proposers)
-    return [pb.ProposerStats(proposer=PROPOSER_NAMES[kind], draft_tokens=counts[kind.value].draft_tokens,
-                             accepted_tokens=counts[kind.value].accepted_tokens)
-            for kind in PROPOSER_NAMES if kind.value in counts]

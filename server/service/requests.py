@@ -17,6 +17,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 from hedgerow.drafting.spec import ProposerKind
+from hedgerow.server.engine.samples import MAX_SAMPLES, sample_requests
 from hedgerow.server.engine.sequence import Request, SpecMode, SpecParams
 from hedgerow.server.errors import HedgerowError
 from hedgerow.server.rpc import generation_pb2 as pb
@@ -49,9 +50,11 @@ class ServiceConfig:
     max_stop_token_ids: int = 64
     max_request_id_chars: int = 256
     max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a text prompt, refused before it is tokenized
+    max_request_tokens: int = 16384  # new tokens a request may ask for over its samples: n * max_new_tokens
 
     def __post_init__(self) -> None:
-        for name in ("default_max_new_tokens", "max_stop_chars", "max_request_id_chars", "max_prompt_bytes"):
+        for name in ("default_max_new_tokens", "max_stop_chars", "max_request_id_chars", "max_prompt_bytes",
+                     "max_request_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -68,8 +71,8 @@ class ServiceConfig:
 
 
 class RequestConverter:
-    """Turns a ``GenerateRequest`` into a ``Request`` and its stop strings (``await convert(msg)``),
-    or raises HedgerowError whose message starts with the offending field."""
+    """Turns a ``GenerateRequest`` into the ``Request`` of each of its n samples and its stop strings
+    (``await convert(msg)``), or raises HedgerowError whose message starts with the offending field."""
 
     def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int, default_spec: SpecParams,
                  config: ServiceConfig, pool: Executor):
@@ -80,11 +83,14 @@ class RequestConverter:
         self.config = config
         self.pool = pool
 
-    async def __call__(self, msg: pb.GenerateRequest) -> tuple[Request, tuple[str, ...]]:
+    async def __call__(self, msg: pb.GenerateRequest) -> tuple[list[Request], tuple[str, ...]]:
         cfg = self.config
         rid = msg.request_id or uuid.uuid4().hex
         if len(rid) > cfg.max_request_id_chars:
             raise HedgerowError(f"request_id is {len(rid)} characters; at most {cfg.max_request_id_chars}")
+        n = msg.n or 1
+        if n > MAX_SAMPLES:
+            raise HedgerowError(f"n must be in [1, {MAX_SAMPLES}] (samples of the prompt), got {n}")
         text, ids = self._prompt(msg)
         sampling = self._sampling(msg.sampling)
         stopping = msg.stopping
@@ -93,6 +99,9 @@ class RequestConverter:
         if not 1 <= max_new <= self.max_model_len:
             raise HedgerowError(f"stopping.max_new_tokens must be in [1, {self.max_model_len}] "
                                 f"(max_model_len), got {max_new}")
+        if n * max_new > cfg.max_request_tokens:
+            raise HedgerowError(f"n = {n} samples of up to {max_new} new tokens each is {n * max_new}; a request may "
+                                f"ask for at most {cfg.max_request_tokens} new tokens over its samples")
         stops = tuple(stopping.stop)
         if len(stops) > cfg.max_stop_strings:
             raise HedgerowError(f"stopping.stop has {len(stops)} strings; at most {cfg.max_stop_strings}")
@@ -117,8 +126,9 @@ class RequestConverter:
         if text is not None:  # last: the one expensive step, once everything else is known to be fine
             ids = await asyncio.get_running_loop().run_in_executor(self.pool, self.tokenizer.encode, text)
             ids = self._check_length(tuple(ids), "prompt")
-        return Request(rid, ids, sampling, max_new, spec, ignore_eos=stopping.ignore_eos, stop_token_ids=stop_ids,
-                       min_tokens=stopping.min_tokens, logprobs=msg.top_logprobs if msg.logprobs else None), stops
+        request = Request(rid, ids, sampling, max_new, spec, ignore_eos=stopping.ignore_eos, stop_token_ids=stop_ids,
+                          min_tokens=stopping.min_tokens, logprobs=msg.top_logprobs if msg.logprobs else None)
+        return sample_requests(request, n), stops
 
     def _prompt(self, msg: pb.GenerateRequest) -> tuple[str | None, tuple[int, ...]]:
         """The prompt as (text, None) or (None, token ids), checked for size and range."""
