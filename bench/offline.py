@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     g = p.add_argument_group("workload")
     g.add_argument("--prompts", default="humaneval",
-                   help="humaneval, humaneval-edit, mtbench or FILE.jsonl (default: humaneval)")
+                   help="humaneval, humaneval-edit, humaneval-retry, mtbench or FILE.jsonl (default: humaneval)")
     g.add_argument("--num-prompts", type=int, default=10, help="the first N prompts of the set (default: 10)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default: 128)")
     g.add_argument("--repeats", type=int, default=1, help="passes over the prompts (default: 1)")

