@@ -29,7 +29,8 @@ def test_chat_needs_a_chat_template(client, model):
 
 
 COMPLETION_BAD = {  # an edit of a valid body -> the parameter the 400 names
-    "n=2": ({"n": 2}, "n"),
+    "n=17": ({"n": 17}, "n"),
+    "n=0": ({"n": 0}, "n"),
     "logprobs 21": ({"logprobs": 21}, "logprobs"),
     "logprobs true": ({"logprobs": True}, "logprobs"),
     "best_of": ({"best_of": 3}, "best_of"),
@@ -47,7 +48,8 @@ COMPLETION_BAD = {  # an edit of a valid body -> the parameter the 400 names
     "max_tokens beyond the context": ({"max_tokens": 10_000}, "max_tokens"),  # refused by the server
     "empty prompt": ({"prompt": ""}, "prompt"),
     "missing prompt": ({"prompt": None}, "prompt"),
-    "two prompts": ({"prompt": ["a", "b"]}, "prompt"),
+    "an empty prompt in a batch": ({"prompt": ["a", ""]}, "prompt"),
+    "65 prompts": ({"prompt": ["a"] * 65}, "prompt"),
     "token outside the vocabulary": ({"prompt": [5, 100_000]}, "prompt"),  # refused by the server
     "empty stop string": ({"stop": ["ok", ""]}, "stop[1]"),
     "stop of the wrong type": ({"stop": 5}, "stop"),
@@ -62,7 +64,7 @@ COMPLETION_BAD = {  # an edit of a valid body -> the parameter the 400 names
     "temperature of the wrong type": ({"temperature": "hot"}, "temperature"),
 }
 CHAT_BAD = {
-    "n=2": ({"n": 2}, "n"),
+    "n=17": ({"n": 17}, "n"),
     "logprobs 2": ({"logprobs": 2}, "logprobs"),
     "top_logprobs without logprobs": ({"top_logprobs": 2}, "top_logprobs"),
     "top_logprobs 21": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -106,7 +108,7 @@ def test_bad_chat_parameters_are_400(proxy, model, case):
 @pytest.mark.live
 def test_the_client_sees_refusals_as_bad_request(proxy, client, model):
     bad_mode = {"extra_body": {"hedgerow": {"speculation": {"mode": "x"}}}}
-    for kw in ({"n": 2}, {"temperature": -1}, {"logprobs": 21}, bad_mode):
+    for kw in ({"n": 17}, {"temperature": -1}, {"logprobs": 21}, bad_mode):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=model, prompt="x", max_tokens=4, **kw)
     for content in (b"{not json", b""):

@@ -5,8 +5,9 @@ gives server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``)
 (no key needed; 503 unless the gRPC server reports SERVING). What is accepted and refused is listed
 in ``schema``.
 
-Each HTTP request is one gRPC call (``Generate``, or ``GenerateStream`` when streaming) to the server,
-which tokenizes, generates and applies stop strings. The proxy itself only needs the tokenizer for
+Each prompt of an HTTP request is one gRPC call (``Generate``, or ``GenerateStream`` when streaming)
+for its n samples to the server, which tokenizes, generates and applies stop strings; the calls of a
+prompt batch are all sent before any answer is read. The proxy itself only needs the tokenizer for
 chat: it renders the model's chat template and sends token ids. The tokenizer is ``--tokenizer``, or
 the model the server names (``ModelInfo.target``): a Hugging Face id, or ``hedgerow-embedded``, the
 embedded pair this package ships; nothing is asked of the server before the first request, so the
@@ -15,7 +16,7 @@ proxy starts even while the server is down, and it uses a server that comes back
 Mapping: finish reasons EOS and STOP -> ``"stop"``, LENGTH -> ``"length"``, ABORT (server shutting
 down) -> ``"abort"``; gRPC INVALID_ARGUMENT -> 400, RESOURCE_EXHAUSTED -> 429 (413 for a message too
 large), UNAVAILABLE -> 503, DEADLINE_EXCEEDED -> 504, anything else -> 500. A client that
-disconnects cancels its gRPC call, so the server frees the sequence's KV slot at once. Every
+disconnects cancels its gRPC calls, so the server frees the sequence's KV slot at once. Every
 response carries a ``hedgerow`` object with the request's speculation stats (verify_steps,
 draft_tokens, accepted_tokens, acceptance_rate).
 
@@ -24,5 +25,5 @@ shared with ``hedgerow serve``), ``config`` (what a proxy is started with), ``gu
 content type and body size, before a body is read), ``app`` (the FastAPI app: routes, error JSON),
 ``backend`` (the gRPC client side: channel, reconnection, ModelInfo, tokenizer, gRPC errors as HTTP
 ones), ``convert`` (OpenAI bodies to protobuf and back, chat templates), ``streaming`` (server-sent
-events) and ``schema`` (the request bodies).
+events), ``schema`` (the request bodies) and ``chat`` (chat's own).
 """

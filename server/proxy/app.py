@@ -23,11 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from hedgerow.server.proxy.backend import Backend, call, cancel_on_disconnect
+from hedgerow.server.proxy.backend import Backend, call, call_all, cancel_on_disconnect
 from hedgerow.server.proxy.config import ProxyConfig
 from hedgerow.server.proxy.convert import Shape, model_card, render_chat, to_proto
 from hedgerow.server.proxy.guard import Guard, error_response
-from hedgerow.server.proxy.schema import ApiError, ChatCompletionRequest, CompletionRequest
+from hedgerow.server.proxy.chat import ChatCompletionRequest
+from hedgerow.server.proxy.schema import ApiError, CompletionRequest
 from hedgerow.server.proxy.streaming import stream_response
 
 log = logging.getLogger("hedgerow.proxy")
@@ -80,7 +81,7 @@ class Proxy:
         body.check()
         shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", await self.served_model(body.model), int(time.time()),
                       body.top_logprobs_asked() is not None)
-        return await self.generate(request, body, shape, body.prompt_input(), "prompt")
+        return await self.generate(request, body, shape, body.prompts(), "prompt")
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         body.check()
@@ -88,19 +89,22 @@ class Proxy:
                       body.top_logprobs_asked() is not None)
         tokenizer = await call(self.backend.tokenizer())
         prompt = await asyncio.to_thread(render_chat, tokenizer, body.template_messages(), shape.model)
-        return await self.generate(request, body, shape, prompt, "messages")
+        return await self.generate(request, body, shape, [prompt], "messages")
 
-    async def generate(self, request: Request, body, shape: Shape, prompt, prompt_param: str):
-        """One gRPC call for one request: ``Generate``, or ``GenerateStream`` when streaming."""
-        msg = to_proto(body, shape.id, prompt=prompt)
-        rpc = await self.backend.generate(msg, stream=body.stream, timeout=self.config.request_timeout)
+    async def generate(self, request: Request, body, shape: Shape, prompts: list, prompt_param: str):
+        """One gRPC call per prompt (``Generate``, or ``GenerateStream`` when streaming), each for n
+        samples; the calls of a batch are all sent before any answer is read, so the server takes
+        them together, and the first failure fails the request."""
+        ids = [shape.id] if len(prompts) == 1 else [f"{shape.id}-{p}" for p in range(len(prompts))]
+        rpcs = [await self.backend.generate(to_proto(body, rid, prompt=prompt), stream=body.stream,
+                                            timeout=self.config.request_timeout) for rid, prompt in zip(ids, prompts)]
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             steps = body.hedgerow is not None and body.hedgerow.step_stats
-            return await stream_response(request, rpc, shape, include_usage, prompt_param, steps)
-        watch = asyncio.create_task(cancel_on_disconnect(request, rpc))
+            return await stream_response(request, rpcs, shape, include_usage, prompt_param, steps, body.samples())
+        watch = asyncio.create_task(cancel_on_disconnect(request, rpcs))
         try:
-            return shape.response(await call(rpc, prompt_param=prompt_param))
+            return shape.response(await call_all(rpcs, prompt_param=prompt_param))
         finally:
             watch.cancel()
 

@@ -144,13 +144,26 @@ async def call(coro, *, prompt_param: str = "prompt"):
         raise grpc_error(exc, prompt_param=prompt_param) from None
 
 
-async def cancel_on_disconnect(request, rpc, every: float = 0.25) -> None:
-    """Cancel the gRPC call when the HTTP client goes away (the server then frees the KV slot)."""
-    while not rpc.done():
+async def cancel_on_disconnect(request, rpcs: list, every: float = 0.25) -> None:
+    """Cancel the gRPC calls of a request when the HTTP client goes away (the server then frees
+    their KV slots)."""
+    while not all(rpc.done() for rpc in rpcs):
         if await request.is_disconnected():
-            rpc.cancel()
+            for rpc in rpcs:
+                rpc.cancel()
             return
         await asyncio.sleep(every)
+
+
+async def call_all(rpcs: list, *, prompt_param: str = "prompt") -> list:
+    """Await every call (each a prompt of a batch); the first failure cancels the others and is
+    raised as an ApiError."""
+    try:
+        return await asyncio.gather(*(call(rpc, prompt_param=prompt_param) for rpc in rpcs))
+    except BaseException:
+        for rpc in rpcs:
+            rpc.cancel()
+        raise
 
 
 STATUS = {  # gRPC status name -> (HTTP status, OpenAI error type)
@@ -197,6 +210,8 @@ def _openai_param(detail: str, prompt_param: str) -> tuple[str | None, str]:
     word = detail.split(" ", 1)[0].rstrip(":")
     if word.startswith("prompt"):  # "prompt_token_ids[3] = ..." reads "prompt[3] = ..." for /v1/completions
         return prompt_param, detail.replace("prompt_token_ids", "prompt", 1) if prompt_param == "prompt" else detail
+    if word == "n":  # "n must be in ...", "n = 4 samples of ..."
+        return "n", detail
     if detail.startswith("speculation mode"):
         return "hedgerow.speculation.mode", detail
     for old, new in RENAMES:

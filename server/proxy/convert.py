@@ -6,7 +6,8 @@ become prompt token ids through the model's chat template. No I/O here, so what 
 read (and changed) in one place.
 
 Finish reasons EOS and STOP -> ``"stop"``, LENGTH -> ``"length"``, ABORT (server shutting down) ->
-``"abort"``. Every response carries a ``hedgerow`` object with the request's speculation stats
+``"abort"``. Choices are indexed as OpenAI does: prompt p's sample i is choice ``p * n + i``; usage
+and stats add up over the choices. Every response carries a ``hedgerow`` object with the request's speculation stats
 (verify_steps, draft_tokens, accepted_tokens, acceptance_rate, and ``proposers``: the draft and
 accepted tokens of each proposer that drafted, by name).
 """
@@ -39,6 +40,7 @@ def to_proto(body, request_id: str, *, prompt: str | list[int]):
     msg.stopping.stop_token_ids.extend(body.stop_token_ids or ())
     if body.min_tokens is not None:
         msg.stopping.min_tokens = body.min_tokens
+    msg.n = body.samples()
     if (k := body.top_logprobs_asked()) is not None:
         msg.logprobs, msg.top_logprobs = True, k
     spec = body.hedgerow.speculation if body.hedgerow else None
@@ -61,6 +63,26 @@ def usage(u, s) -> dict:
             "total_tokens": u.prompt_tokens + u.completion_tokens,
             "completion_tokens_details": {"accepted_prediction_tokens": s.accepted_tokens,
                                           "rejected_prediction_tokens": s.draft_tokens - s.accepted_tokens}}
+
+
+def total_usage(finals) -> tuple[pb.Usage, pb.Stats]:
+    """The usage and stats of a request's choices together, from each choice's last message (a
+    ``GenerateResponse`` or the last stream message): completion tokens and speculation counts are
+    summed over the choices, prompt tokens counted once per prompt (its sample 0), as OpenAI does."""
+    u, s, by = pb.Usage(), pb.Stats(), {}
+    for f in finals:
+        if f.index == 0:
+            u.prompt_tokens += f.usage.prompt_tokens
+        u.completion_tokens += f.usage.completion_tokens
+        s.verify_steps += f.stats.verify_steps
+        s.draft_tokens += f.stats.draft_tokens
+        s.accepted_tokens += f.stats.accepted_tokens
+        for p in f.stats.proposers:
+            by.setdefault(p.proposer, pb.ProposerStats(proposer=p.proposer))
+            by[p.proposer].draft_tokens += p.draft_tokens
+            by[p.proposer].accepted_tokens += p.accepted_tokens
+    s.proposers.extend(by[k] for k in sorted(by))
+    return u, s
 
 
 def _rate(s) -> float | None:
@@ -118,24 +140,28 @@ class Shape:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def response(self, resp) -> dict:
-        reason = FINISH.get(resp.finish_reason)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": resp.text},
-                      "logprobs": self.logprobs_of(resp.logprobs), "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": resp.text, "logprobs": self.logprobs_of(resp.logprobs),
-                      "finish_reason": reason}
-        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
-                "usage": usage(resp.usage, resp.stats), "hedgerow": stats(resp.stats)}
+    def response(self, responses) -> dict:
+        """One ``GenerateResponse`` per prompt, in order: choice p * n + i is prompt p's sample i."""
+        samples = [s for r in responses for s in (r.samples or [r])]
+        choices = []
+        for k, sample in enumerate(samples):
+            reason, logprobs = FINISH.get(sample.finish_reason), self.logprobs_of(sample.logprobs)
+            if self.chat:
+                choices.append({"index": k, "message": {"role": "assistant", "content": sample.text},
+                                "logprobs": logprobs, "finish_reason": reason})
+            else:
+                choices.append({"index": k, "text": sample.text, "logprobs": logprobs, "finish_reason": reason})
+        u, s = total_usage(samples)
+        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices,
+                "usage": usage(u, s), "hedgerow": stats(s)}
 
     def chunk(self, text: str | None, reason: str | None = None, *, role: bool = False,
-              logprobs: dict | None = None) -> dict:
+              logprobs: dict | None = None, index: int = 0) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
 
 

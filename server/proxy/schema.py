@@ -14,10 +14,14 @@ the parameter.
 ``logprobs`` (completions: an integer k, the top k alternatives; chat: ``true``, with
 ``top_logprobs`` k) are the target's raw log-softmax (verify/logprobs.py), k <= 20.
 
-Unsupported options are refused, never silently ignored: ``n`` > 1, ``best_of`` > 1, ``echo``,
+``n`` (at most ``MAX_N``) asks for n choices per prompt; ``prompt`` may be a batch of prompts (at
+most ``MAX_PROMPTS``, and ``MAX_CHOICES`` choices in all), bounded here before anything is tokenized.
+
+Unsupported options are refused, never silently ignored: ``best_of`` > 1, ``echo``,
 ``suffix``, ``logit_bias``, non-zero ``presence_penalty`` /
 ``frequency_penalty``, tools and functions, a ``response_format`` other than text, non-text
 message parts. An unknown parameter is refused too, as OpenAI does (a typo must not pass unseen).
+Chat's bodies are in ``chat``.
 
 Extensions (through the SDK's ``extra_body``): ``top_k``, ``ignore_eos``, ``stop_token_ids`` and
 ``min_tokens`` (vLLM's), ``hedgerow.step_stats`` (streams: per-step speculation stats in each chunk), and
@@ -29,7 +33,7 @@ server's defaults; speculation only ever changes speed, never the output).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -38,6 +42,9 @@ PROPOSERS = ("model", "ngram", "hybrid")  # the names of pb.Proposer's values, l
 SPEC_SIZES = ("draft_tokens", "tree_budget", "ngram_max", "ngram_min")
 INT32 = 2**31  # int32 fields (max_new_tokens, top_k, speculation sizes) hold values below this
 MAX_TOP_LOGPROBS = 20  # the server's bound (verify/logprobs.py)
+MAX_N = 16  # the server's bound (server/engine/samples.py)
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_CHOICES = 256  # prompts * n
 
 
 class ApiError(Exception):
@@ -131,8 +138,8 @@ class _Generation(_Body):
     stop_token_ids: list[int] | None = None  # vLLM's: also stop after any of these tokens
     min_tokens: int | None = None  # vLLM's: no EOS or stop token before this many new tokens
     hedgerow: HedgerowOptions | None = None
+    n: int | None = None  # choices per prompt: samples sharing the prompt's prefill, seeds seed + i
     # refused unless left at their defaults
-    n: int | None = None
     logprobs: Any = None
     logit_bias: Any = None
     presence_penalty: float | None = None
@@ -141,8 +148,8 @@ class _Generation(_Body):
     def check(self) -> None:
         """Raise ApiError for the first value Hedgerow refuses."""
         check_text(self.model_dump(exclude_none=True), "")
-        if self.n not in (None, 1):
-            raise unsupported("n", f"n = {self.n} is not supported: Hedgerow returns one choice per request")
+        if self.n is not None and not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be in [1, {MAX_N}] (choices per prompt), got {self.n}")
         if self.logit_bias:
             raise unsupported("logit_bias", "logit_bias is not supported by Hedgerow")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -190,10 +197,13 @@ class _Generation(_Body):
         """The completion length asked for; None: the server's default."""
         return self.max_tokens
 
+    def samples(self) -> int:
+        return self.n or 1
+
 
 class CompletionRequest(_Generation):
-    """``POST /v1/completions``: ``prompt`` is one string or one list of token ids (a list holding
-    exactly one of them is accepted too)."""
+    """``POST /v1/completions``: ``prompt`` is one string, one list of token ids, or a batch: a list
+    of strings and token-id lists (at most ``MAX_PROMPTS``, and ``MAX_CHOICES`` choices with n)."""
 
     prompt: Any = None
     best_of: int | None = None
@@ -207,130 +217,44 @@ class CompletionRequest(_Generation):
             raise bad("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (the alternatives per token), "
                                   f"got {self.logprobs!r}")
         if self.best_of not in (None, 1):
-            raise unsupported("best_of",
-                              f"best_of = {self.best_of} is not supported: Hedgerow returns one choice per request")
+            raise unsupported("best_of", f"best_of = {self.best_of} is not supported: Hedgerow returns every sample")
         if self.echo:
             raise unsupported("echo", "echo is not supported by Hedgerow")
         if self.suffix:
             raise unsupported("suffix", "suffix (insertion) is not supported by Hedgerow")
-        self.prompt_input()
+        self.prompts()
 
     def top_logprobs_asked(self) -> int | None:
         """None: no logprobs; k: each token's logprob and its top k alternatives."""
         return self.logprobs
 
-    def prompt_input(self) -> str | list[int]:
-        """The prompt as text or token ids."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids; their number is bounded before anything is read."""
         p = self.prompt
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]  # a batch of one
-        elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
-            raise unsupported("prompt", f"prompt is a batch of {len(p)} prompts: Hedgerow takes one prompt per request")
         if p is None:
             raise bad("prompt", "is missing")
-        if isinstance(p, str):
-            if not p:
-                raise bad("prompt", "is empty")
-            return p
-        if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            if not p:
-                raise bad("prompt", "is empty")
-            if not 0 <= min(p) <= max(p) < 2**32:
-                i = next(i for i, t in enumerate(p) if not 0 <= t < 2**32)
-                raise ApiError(400, f"prompt[{i}] = {p[i]} is not a token id (ids are in [0, vocabulary size))",
-                               param="prompt")
-            return p
-        raise bad("prompt", "must be a string or a list of token ids")
+        if not (isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p)):
+            return [_one_prompt(p, "prompt")]
+        if len(p) > MAX_PROMPTS:
+            raise bad("prompt", f"is a batch of {len(p)} prompts; at most {MAX_PROMPTS}")
+        if len(p) * self.samples() > MAX_CHOICES:
+            raise bad("prompt", f"is a batch of {len(p)} prompts of n = {self.samples()} choices each, "
+                                f"{len(p) * self.samples()} choices; at most {MAX_CHOICES} per request")
+        return [_one_prompt(x, f"prompt[{i}]") for i, x in enumerate(p)] if len(p) > 1 else [_one_prompt(p[0], "prompt")]
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    # refused when set: Hedgerow does no tool calling
-    tool_calls: Any = None
-    tool_call_id: str | None = None
-    function_call: Any = None
-    refusal: str | None = None
-
-    def for_template(self, i: int) -> dict:
-        """The message as a chat template expects it: role and plain-text content."""
-        where = f"messages[{i}]"
-        if self.role in ("tool", "function"):
-            raise unsupported(f"{where}.role",
-                              f"{where}.role {self.role!r} is not supported: Hedgerow does no tool calling")
-        if self.tool_calls or self.function_call:
-            raise unsupported(f"{where}.tool_calls",
-                              f"{where}.tool_calls is not supported: Hedgerow does no tool calling")
-        content = self.content
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise unsupported(f"{where}.content[{j}]",
-                                      f"{where}.content[{j}] is of type {part.type!r}: Hedgerow takes text only")
-            content = "".join(part.text for part in content)
-        if content is None and self.role != "assistant":
-            raise bad(f"{where}.content", "is missing")
-        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
-        if self.name is not None:
-            message["name"] = self.name
-        return message
-
-
-class ChatCompletionRequest(_Generation):
-    """``POST /v1/chat/completions``; the prompt is the model's chat template applied to
-    ``messages``, ending with the assistant's turn."""
-
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    top_logprobs: int | None = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None  # meaningless without tools
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-
-    def check(self) -> None:
-        super().check()
-        if self.logprobs is not None and not isinstance(self.logprobs, bool):
-            raise bad("logprobs", f"must be true or false, got {self.logprobs!r}")
-        if self.top_logprobs is not None:
-            if not self.logprobs:
-                raise bad("top_logprobs", "needs logprobs: true")
-            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-                raise bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
-        if self.tools or self.functions:
-            name = "tools" if self.tools else "functions"
-            raise unsupported(name, f"{name} is not supported: Hedgerow does no tool calling")
-        if self.tool_choice not in (None, "none"):
-            raise unsupported("tool_choice", "tool_choice must be 'none': Hedgerow does no tool calling")
-        if self.function_call not in (None, "none"):
-            raise unsupported("function_call", "function_call must be 'none': Hedgerow does no tool calling")
-        if self.response_format is not None:
-            kind = self.response_format.get("type") if isinstance(self.response_format, dict) else None
-            if kind != "text":
-                raise unsupported("response_format",
-                                  f"response_format {kind!r} is not supported: Hedgerow produces text only")
-        if self.max_completion_tokens is not None:
-            int32("max_completion_tokens", self.max_completion_tokens, low=1)
-            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
-                raise bad("max_completion_tokens", "and max_tokens differ: set one of them")
-        if not self.messages:
-            raise bad("messages", "is empty")
-        self.template_messages()
-
-    def top_logprobs_asked(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
-
-    def template_messages(self) -> list[dict]:
-        return [m.for_template(i) for i, m in enumerate(self.messages)]
-
-    def new_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+def _one_prompt(p, where: str) -> str | list[int]:
+    """One prompt, text or token ids; a refusal names ``prompt`` and says where (``prompt[2]``)."""
+    if isinstance(p, str):
+        if not p:
+            raise ApiError(400, f"{where} is empty", param="prompt")
+        return p
+    if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        if not p:
+            raise ApiError(400, f"{where} is empty", param="prompt")
+        if not 0 <= min(p) <= max(p) < 2**32:
+            i = next(i for i, t in enumerate(p) if not 0 <= t < 2**32)
+            raise ApiError(400, f"{where}[{i}] = {p[i]} is not a token id (ids are in [0, vocabulary size))",
+                           param="prompt")
+        return p
+    raise ApiError(400, f"{where} must be a string or a list of token ids", param="prompt")
