@@ -77,6 +77,9 @@ def command_line(args: argparse.Namespace) -> str:
         flag = max(action.option_strings, key=len)
         if isinstance(action, argparse._StoreTrueAction):
             words.append(flag)
+        elif isinstance(action, argparse._AppendAction):  # a repeated flag: once per value
+            for v in value:
+                words += [flag, str(v)]
         elif isinstance(value, (list, tuple)):
             words += [flag, ",".join(str(v) for v in value)]
         else:

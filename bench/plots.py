@@ -80,13 +80,15 @@ def _cdf(metric: str, label: str):
     def draw(plt, data: dict):
         results = data["results"]
         levels = sorted({r["concurrency"] for r in results})
+        several = len({r.get("target") for r in results}) > 1  # a run of several servers: name each
         fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.2), squeeze=False)
         for ax, c in zip(axes[0], levels):
             for r in (r for r in results if r["concurrency"] == c):
                 values = sorted(r["samples"][metric])
                 if values:
                     ax.step([values[0]] + values, [0.0] + [(i + 1) / len(values) for i in range(len(values))],
-                            where="post", label=r["speculation"])
+                            where="post",
+                            label=f"{r['target']} {r['speculation']}" if several else r["speculation"])
             ax.set_title(f"concurrency {c}", fontsize=9)
             ax.set_xlabel(label, fontsize=8)
             ax.set_ylim(0, 1.02)

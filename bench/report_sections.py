@@ -122,7 +122,10 @@ def serve_section(stem: str, data: dict, rel: str) -> list[str]:
     load = f"{cfg['duration']:g} s" if cfg.get("duration") else f"{cfg['requests']} requests"
     loop = f"open loop at {cfg['rate']:g} req/s" if cfg.get("rate") else "closed loop"
     lines = [f"## Serving under load: `{stem}`", ""] + _header(stem, data, rel)
-    if cfg.get("server_command"):
+    several = len(cfg.get("targets") or []) > 1
+    if several:
+        lines += _targets(cfg)
+    elif cfg.get("server_command"):
         lines += ["Server:", "", "```bash", cfg["server_command"], "```", ""]
     server = cfg.get("server") or {}
     lines += [f"Client: {cfg['client']}; {loop}, {load} per concurrency and mode; {cfg['prompts']} prompts, "
@@ -131,7 +134,50 @@ def serve_section(stem: str, data: dict, rel: str) -> list[str]:
               f"draft {server.get('draft', '?')}, max batch {server.get('max_batch_size', '?')}.", "",
               tables.serve(data["results"]), "",
               "ITL: a stream message of k tokens after a gap g counts as k tokens g / k apart.", ""]
+    if several:
+        ref = cfg["targets"][0]["name"]
+        lines += [f"Side by side, against the first target (`{ref}`) at the same concurrency and mode: tokens/s "
+                  f"(× {ref}) and end-to-end p50 (speedup: {ref}'s / the target's, above 1 when the target is "
+                  "faster).",
+                  "", tables.serve_reference(data["results"]), ""] + _reference_lines(data) + [""]
     return lines + _plots(stem, data)
+
+
+def _targets(cfg: dict) -> list[str]:
+    """The targets of a serve run of several: how each was started, and the machine's load around it."""
+    started = all(t.get("started") for t in cfg["targets"])
+    lines = ["Targets, measured one after the other" + (
+        " (each started by the benchmark, `--start`, and stopped with SIGTERM before the next, so only one "
+        "server was on the machine at a time)" if started else "") + "; load averages (1, 5, 15 min, as `uptime` "
+        "shows them) when each began and when its measurement ended:", ""]
+    for t in cfg["targets"]:
+        before, after = (" / ".join(f"{x:.2f}" for x in t[k]) if t.get(k) else "—"
+                         for k in ("load_average_before", "load_average_after"))
+        status = f"; exit status {t['server_exit_status']}" if t.get("server_exit_status") is not None else ""
+        command = f": `{t['server_command']}`" if t.get("server_command") else ""
+        lines.append(f"- `{t['name']}` ({t['client']} {t['address']}){command}; load {before} → {after}{status}")
+    return lines + [""]
+
+
+def _reference_lines(data: dict) -> list[str]:
+    """Per target after the first, per mode: the range of its tokens/s ratio to the first over the
+    concurrencies, and the ratio at the highest one."""
+    results, ref = data["results"], data["config"]["targets"][0]["name"]
+    top = max(r["concurrency"] for r in results)
+    lines = []
+    for t in data["config"]["targets"][1:]:
+        parts = []
+        for mode in data["config"]["spec_modes"]:
+            ratios = {r["concurrency"]: r["vs_reference"]["tokens_per_second"] for r in results
+                      if r["target"] == t["name"] and r["speculation"] == mode and r.get("vs_reference")
+                      and r["vs_reference"]["tokens_per_second"] is not None}
+            if ratios:
+                parts.append(f"{mode} {min(ratios.values()):.2f}×–{max(ratios.values()):.2f}× "
+                             f"({fmt(ratios.get(top), 2, '×')} at concurrency {top})")
+        failed = sum(r["failed"] for r in results if r["target"] == t["name"])
+        if parts:
+            lines.append(f"- `{t['name']}`: tokens/s {'; '.join(parts)} of `{ref}`'s; {failed} failed request(s).")
+    return lines
 
 
 def sweep_section(stem: str, data: dict, rel: str) -> list[str]:

@@ -62,25 +62,30 @@ def _merge(parts: list[tuple[list[Sample], float]]) -> tuple[list[Sample], float
     return [s for samples, _ in parts for s in samples], sum(w for _, w in parts)
 
 
-async def measure(args, prompts: list[str]) -> dict:
-    """Every concurrency and mode against the server: ``{"server": its model info, "results": [...]}``."""
+async def measure(args, prompts: list[str], target, started=None) -> dict:
+    """Every concurrency and mode against one target (``serve_targets.Target``):
+    ``{"server": its model info, "results": [...]}``, each entry naming the target. A server the
+    benchmark started (``started``, a ``serve_targets.StartedTarget``) is waited for first."""
     from tqdm import tqdm
 
     threads = max(args.concurrency) + 2
-    client = GrpcClient(args.grpc, args.timeout) if args.grpc else OpenAIClient(args.openai, args.timeout, threads)
+    client = (GrpcClient(target.address, args.timeout) if target.client == "grpc"
+              else OpenAIClient(target.address, args.timeout, threads))
     try:
-        try:
-            info = await client.info()
-        except Exception as exc:
-            where = args.grpc or args.openai
-            raise HedgerowError(f"cannot reach the server at {where}: {error_text(exc)}") from None
+        if started is not None:
+            info = await started.wait_ready(client, args.start_timeout)
+        else:
+            try:
+                info = await client.info()
+            except Exception as exc:
+                raise HedgerowError(f"cannot reach the server at {target.address}: {error_text(exc)}") from None
         for mode in args.spec_modes:
             for i in range(args.warmup):
                 s = await client.request(prompts[i % len(prompts)], mode, args)
                 if s.error:
-                    raise HedgerowError(f"warm-up request (speculation {mode}) failed: {s.error}")
+                    raise HedgerowError(f"warm-up request to {target.name} (speculation {mode}) failed: {s.error}")
         results = []
-        bar = tqdm(total=len(args.concurrency) * len(args.spec_modes) * args.repeats, desc="serve",
+        bar = tqdm(total=len(args.concurrency) * len(args.spec_modes) * args.repeats, desc=f"serve {target.name}",
                    file=sys.stderr, unit="level")
         for c in args.concurrency:
             runs: dict[str, list] = {m: [] for m in args.spec_modes}
@@ -93,7 +98,7 @@ async def measure(args, prompts: list[str]) -> dict:
             level = {m: summarize(*_merge(parts)) for m, parts in runs.items()}
             plain = level.get("plain")
             for mode, res in level.items():
-                entry = {"concurrency": c, "speculation": mode, **res, "vs_plain": None}
+                entry = {"target": target.name, "concurrency": c, "speculation": mode, **res, "vs_plain": None}
                 if plain is not None and mode != "plain":
                     entry["vs_plain"] = vs_plain(res, plain)
                 results.append(entry)

@@ -89,10 +89,17 @@ def phases(results: list[dict]) -> str | None:
 
 
 # --- serve --------------------------------------------------------------------------------------
+def _targets(results: list[dict]) -> list[str]:
+    """The targets of a serve run, in order (runs of one server before targets existed: none)."""
+    return list(dict.fromkeys(r["target"] for r in results if "target" in r))
+
+
 def serve(results: list[dict]) -> str:
-    """Throughput and latency percentiles per concurrency and speculation mode, with the ratios to plain decoding."""
+    """Throughput and latency percentiles per concurrency and speculation mode (and target, in a run
+    of several), with the ratios to plain decoding."""
     headers = ["concurrency", "speculation", "tokens/s", "req/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms",
                "e2e p50/p90/p99 s", "tokens/s vs plain", "e2e p50 speedup", "failed"]
+    several = len(_targets(results)) > 1
 
     def ms(d):
         return " / ".join(fmt(None if d[q] is None else 1e3 * d[q], 1) for q in ("p50", "p90", "p99"))
@@ -104,6 +111,39 @@ def serve(results: list[dict]) -> str:
              ms(r["ttft_seconds"]), ms(r["itl_seconds"]), sec(r["e2e_seconds"]),
              fmt(r["vs_plain"]["tokens_per_second"], 2, "×") if r["vs_plain"] else "—",
              fmt(r["vs_plain"]["e2e_p50_speedup"], 2, "×") if r["vs_plain"] else "—", r["failed"]] for r in results]
+    if several:
+        headers = ["target"] + headers
+        rows = [[r["target"]] + row for r, row in zip(results, rows)]
+    return markdown_table(headers, rows)
+
+
+def serve_reference(results: list[dict]) -> str:
+    """A run of several targets side by side: per concurrency and mode, each target's tokens/s and
+    end-to-end p50, and for every target after the first its ratios to the first (tokens/s: target
+    / reference; e2e p50 speedup: reference / target, > 1 when the target is faster)."""
+    names = _targets(results)
+    by = {(r["target"], r["concurrency"], r["speculation"]): r for r in results}
+    levels = list(dict.fromkeys((r["concurrency"], r["speculation"]) for r in results))
+    ref = names[0]
+    headers = ["concurrency", "speculation"]
+    for name in names:
+        headers += [f"{name} tokens/s", f"{name} e2e p50 s"] if name == ref else [
+            f"{name} tokens/s (× {ref})", f"{name} e2e p50 s (speedup)"]
+    rows = []
+    for c, mode in levels:
+        row = [c, mode]
+        for name in names:
+            r = by.get((name, c, mode))
+            if r is None:
+                row += ["—", "—"]
+                continue
+            tps, e2e = fmt(r["tokens_per_second"], 1), fmt(r["e2e_seconds"]["p50"], 2)
+            vs = r.get("vs_reference")
+            if vs is not None:
+                tps += f" ({fmt(vs['tokens_per_second'], 2, '×')})"
+                e2e += f" ({fmt(vs['e2e_p50_speedup'], 2, '×')})"
+            row += [tps, e2e]
+        rows.append(row)
     return markdown_table(headers, rows)
 
 
