@@ -115,14 +115,20 @@ def proxy_config(args, key: str | None):
     return ProxyConfig(api_key=key, served_model_name=None)  # ModelInfo already carries --served-model-name
 
 
-def build(args, key: str | None):
-    """The Serve application of parsed ``hedgerow serve --ray`` flags."""
+def build(args, key: str | None, autoscaling: dict | None = None):
+    """The Serve application of parsed ``hedgerow serve --ray`` flags. ``autoscaling``: more keys of
+    Serve's ``AutoscalingConfig`` (``upscale_delay_s``, ``downscale_delay_s``, ``metrics_interval_s``,
+    ``look_back_period_s``, ...) over Serve's defaults, with ``--min-replicas``/``--max-replicas``."""
     from ray import serve
 
     from hedgerow.server.scaleout.replica import HedgerowReplica
 
     scale = ScaleOut.from_args(args)
     options = scale.deployment_options(max_ongoing_requests=args.max_batch_size + args.max_queue)
+    if autoscaling:
+        if "autoscaling_config" not in options:
+            raise HedgerowError("autoscaling settings need --min-replicas/--max-replicas, not --replicas")
+        options["autoscaling_config"] = {**options["autoscaling_config"], **autoscaling}
     deployment = serve.deployment(serve.ingress()(HedgerowReplica), **options)
     return deployment.bind(replica_args(args, scale), key, proxy_config(args, key))
 
