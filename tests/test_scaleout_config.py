@@ -104,3 +104,89 @@ def test_kuberay_manifests_deploy_the_application_of_serve_ray(manifest):
         return  # the flags are checked; Serve's own schema needs ray
     ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
         else ServeDeploySchema.parse_obj(config)
+
+
+def test_a_dead_replicas_calls_end_unavailable_with_one_sentence():
+    """Serve's proxy ends the calls of a replica whose process died with INTERNAL and Ray's text;
+    the handlers made for Hedgerow's services end them with UNAVAILABLE and REPLICA_STOPPED, and
+    leave every other status, and other applications' handlers, as they are."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import grpc
+
+    from hedgerow.server.scaleout.grpc_services import REPLICA_STOPPED, add_services, replica_died
+
+    ray_text = ("The actor died unexpectedly before finishing this task.\n\tclass_name: ServeReplica:hedgerow:"
+                "HedgerowReplica\n\tactor_id: 2d5e0b4f\n\tpid: 41234\n\tip: 10.0.0.2")
+
+    class Context:
+        def __init__(self):
+            self._code, self._details = None, None
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+        def set_code(self, code):
+            self._code = code
+
+        def set_details(self, details):
+            self._details = details
+
+    def factory(service_method, streaming_type):
+        """Serve's factory, as its handlers end: the status of the call's ending."""
+        ending = endings.get(service_method, (grpc.StatusCode.OK, ""))
+        if service_method.endswith("Stream"):
+            async def stream(request, context):
+                yield b"one"
+                context.set_code(ending[0])
+                context.set_details(ending[1])
+            return stream
+
+        async def unary(request, context):
+            context.set_code(ending[0])
+            context.set_details(ending[1])
+            return b""
+        return unary
+
+    class Server:
+        def __init__(self):
+            self.service_handler_factory = factory
+            self.made = {}
+
+        def add_generic_rpc_handlers(self, handlers):
+            for method in handlers[0]._method_handlers:
+                self.made[method] = self.service_handler_factory(service_method=method, streaming_type=None)
+
+        def add_registered_method_handlers(self, service, handlers):
+            pass
+
+    died = (grpc.StatusCode.INTERNAL, ray_text)
+    endings = {"/hedgerow.v1.Generation/Generate": died, "/hedgerow.v1.Generation/GenerateStream": died,
+               "/hedgerow.v1.Generation/ModelInfo": (grpc.StatusCode.INVALID_ARGUMENT, "the actor died, said a user"),
+               "/grpc.health.v1.Health/Check": (grpc.StatusCode.INTERNAL, "something else broke"),
+               "/grpc.health.v1.Health/Watch": died}
+    server = Server()
+    methods = ("Generate", "GenerateStream", "ModelInfo", "Check", "Watch", "List")
+    add_services(SimpleNamespace(**dict.fromkeys(methods)), server)
+    assert server.service_handler_factory is factory  # other applications keep Serve's own handlers
+
+    async def call(method):
+        context = Context()
+        handler = server.made[method]
+        if method.endswith(("Stream", "Watch")):
+            assert [m async for m in handler(b"", context)] == [b"one"]
+        else:
+            await handler(b"", context)
+        return context.code(), context.details()
+
+    unavailable = (grpc.StatusCode.UNAVAILABLE, REPLICA_STOPPED)
+    for method in ("/hedgerow.v1.Generation/Generate", "/hedgerow.v1.Generation/GenerateStream"):
+        assert asyncio.run(call(method)) == unavailable, method
+    assert asyncio.run(call("/hedgerow.v1.Generation/ModelInfo")) == endings["/hedgerow.v1.Generation/ModelInfo"]
+    assert asyncio.run(call("/grpc.health.v1.Health/Check")) == endings["/grpc.health.v1.Health/Check"]
+    assert replica_died(grpc.StatusCode.INTERNAL, "ray.exceptions.ActorUnavailableError: The actor 9f is unavailable")
+    assert not replica_died(grpc.StatusCode.OK, ray_text) and not replica_died(grpc.StatusCode.INTERNAL, None)
