@@ -1,5 +1,5 @@
 """Import directions, read from the source with ``ast`` (nothing is imported): the engine core
-(hedgerow.server.engine, hedgerow.server.models) imports no gRPC, HTTP or Prometheus code, no edge
+(hedgerow.server.engine, hedgerow.server.models) imports no gRPC, HTTP, Prometheus or Ray code, no edge
 of the server and nothing of hedgerow.bench or hedgerow.server.embedded.train; hedgerow.drafting
 imports nothing from hedgerow.server; hedgerow.verify imports nothing from hedgerow.drafting or
 hedgerow.server; hedgerow.server.proxy reaches the server only through the gRPC stubs
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("server", "drafting", "verify", "bench")  # repository folder = hedgerow.<folder>
 
-SERVING_STACK = ("grpc", "grpc_*", "fastapi", "uvicorn", "starlette", "httpx", "prometheus_client",
-                 "hedgerow.server.service", "hedgerow.server.proxy", "hedgerow.server.rpc")
+SERVING_STACK = ("grpc", "grpc_*", "fastapi", "uvicorn", "starlette", "httpx", "prometheus_client", "ray",
+                 "hedgerow.server.service", "hedgerow.server.proxy", "hedgerow.server.rpc", "hedgerow.server.scaleout")
 
 
 @dataclass(frozen=True)
