@@ -110,6 +110,18 @@ def test_train_pair_end_to_end_with_resume(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_meta_records_the_args_when_run_as_hedgerow_train_pair(tmp_path):
+    # `hedgerow train-pair` hands run() its namespace with the handler in args.func; meta.json
+    # (written after the export, before the evaluation) must still serialise
+    corpus = _tiny_corpus(tmp_path)
+    args = _args(tmp_path, corpus)
+    args.func = run
+    assert run(args) == 0
+    recorded = json.loads((tmp_path / "work" / "meta.json").read_text())["training"]["args"]
+    assert "func" not in recorded and recorded["draft_layers"] == 1
+
+
+@pytest.mark.slow
 def test_target_from_trains_only_a_draft_on_the_targets_greedy_rows(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -303,7 +303,8 @@ def run(args) -> int:
     log(f"[export] wrote {args.out_dir}/target and /draft ({size / 1e6:.2f} MB)")
 
     meta["training"] = {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        # not the subcommand's handler that `hedgerow train-pair` sets as args.func
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not callable(v)},
         "target": {k: tstate[k] for k in ("step", "total_steps", "elapsed_s", "warmup")},
         "draft": {k: dstate[k] for k in ("step", "total_steps", "elapsed_s", "warmup")},
         "target_last_losses": tstate["losses"][-5:],
