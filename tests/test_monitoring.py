@@ -43,7 +43,7 @@ needs_prometheus = pytest.mark.skipif(
     PROMETHEUS is None or PROMTOOL is None,
     reason="prometheus/promtool not installed (Debian: apt-get install -y prometheus)")
 # Grafana's variables, as Prometheus alone must read them
-GRAFANA_VARS = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*"}
+GRAFANA_VARS = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*", "$replica": ".*"}
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -79,7 +79,7 @@ def test_dashboard_is_well_formed_and_uses_exported_metrics():
     dash = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
-    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "job", "instance"}
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "job", "instance", "replica"}
     for p in dash["panels"]:
         assert {"x", "y", "w", "h"} <= set(p["gridPos"]) and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24, p["title"]
         if p["type"] != "row":
