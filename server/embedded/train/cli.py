@@ -141,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-adaptive-threads", action="store_true",
                    help="keep --threads fixed; by default the loop periodically tries 1 thread vs "
                         "--threads and keeps the faster (a shared box with other CPU load)")
-    g.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast")
+    g.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast (bf16 only where the CPU has it natively: "
+                   "float32 is used anyway where it has not)")
     g.add_argument("--ckpt-minutes", type=float, default=3.0, help="checkpoint interval (wall clock)")
     g.add_argument("--stop-after-steps", type=int, default=0,
                    help="debug: checkpoint and exit after this many optimizer steps in this process")
@@ -192,6 +193,16 @@ def out_dir(args) -> Path:
     return given
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (oneDNN's own check)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def run(args) -> int:
     """Run the pipeline for parsed ``args`` (``--eval-only``: only stage 7); returns the exit status."""
     args.out_dir = out_dir(args)
@@ -212,6 +223,11 @@ def run(args) -> int:
         log_f.write(line + "\n")
         log_f.flush()
 
+    if not args.no_bf16 and not cpu_has_bf16():
+        # emulated bf16 matrix products ran ~20x slower than float32 on such a CPU (AVX2 only):
+        # a time-budgeted stage would get a twentieth of its steps
+        log("this CPU has no native bf16 (AVX512-BF16 or AMX): training in float32, as --no-bf16")
+        args.no_bf16 = True
     if args.eval_only:
         res = evaluate_pair(args.out_dir, args, log)
         _dump(res, args.eval_json, log)
