@@ -12,6 +12,7 @@ import json
 import grpc
 from fastapi.responses import StreamingResponse
 
+from hedgerow.server.aio import merge
 from hedgerow.server.proxy.backend import call, cancel_on_disconnect, grpc_error
 from hedgerow.server.proxy.convert import FINISH, Shape, stats, step_stats, total_usage, usage
 from hedgerow.server.proxy.schema import ApiError
@@ -85,33 +86,14 @@ async def stream_events(rpcs: list, watch, firsts: list, shape: Shape, include_u
     yield sse("[DONE]")
 
 
-async def merge_reads(rpcs: list, firsts: list):
+def merge_reads(rpcs: list, firsts: list):
     """``(p, message)`` of every call as the messages come, each call's in order, starting with its
     first (already read); until every call has ended. A failed read is raised at once."""
-    queue: asyncio.Queue = asyncio.Queue()
+    return merge([_reads(rpc, first) for rpc, first in zip(rpcs, firsts)])
 
-    async def pump(p: int) -> None:
-        try:
-            msg = firsts[p]
-            while msg is not grpc.aio.EOF:
-                queue.put_nowait((p, msg, None))
-                msg = await rpcs[p].read()
-            queue.put_nowait((p, None, None))
-        except Exception as exc:  # handed to the reader
-            queue.put_nowait((p, None, exc))
 
-    tasks = [asyncio.create_task(pump(p)) for p in range(len(rpcs))]
-    try:
-        running = len(tasks)
-        while running:
-            p, msg, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if msg is None:
-                running -= 1
-            else:
-                yield p, msg
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+async def _reads(rpc, first):
+    msg = first
+    while msg is not grpc.aio.EOF:
+        yield msg
+        msg = await rpc.read()

@@ -9,10 +9,10 @@ Also here: the text rules of stop strings (``find_stop``, ``safe_end``), pure fu
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from hedgerow.server.aio import merge as merge_sources
 from hedgerow.server.engine.async_engine import Update
 from hedgerow.server.engine.sequence import FinishReason
 from hedgerow.server.rpc import generation_pb2 as pb
@@ -38,35 +38,12 @@ class Piece:
 
 
 async def merge(samples: list):
-    """The pieces of every sample's async generator, in the order they come, as ``(index, piece)``;
-    the first failure of any sample ends the whole (the others are closed)."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, pieces) -> None:
-        try:
-            async with aclosing(pieces) as each:
-                async for piece in each:
-                    queue.put_nowait((index, piece, None))
-            queue.put_nowait((index, None, None))
-        except Exception as exc:  # handed to the reader
-            queue.put_nowait((index, None, exc))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(samples)]
-    try:
-        running = len(tasks)
-        while running:
-            index, piece, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if piece is None:
-                running -= 1
-                continue
+    """The pieces of every sample's async generator, in the order they come, each marked with its
+    sample's index; the first failure of any sample ends the whole (the others are closed)."""
+    async with aclosing(merge_sources(samples)) as merged:
+        async for index, piece in merged:
             piece.index = index
             yield piece
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def stream_message(request_id: str, piece: Piece) -> pb.GenerateStreamResponse:
