@@ -179,23 +179,21 @@ class RequestConverter:
 
     def _spec(self, s: pb.SpeculationParams) -> SpecParams:
         base = self.default_spec
-        if s.mode == pb.SPECULATION_MODE_UNSPECIFIED:
-            mode = base.mode
-        elif s.mode in MODES:
-            mode = MODES[s.mode]
-        else:
-            raise HedgerowError(f"speculation.mode {s.mode} is not a SpeculationMode "
-                                f"(one of {', '.join(pb.SpeculationMode.keys())})")
-        if s.proposer == pb.PROPOSER_UNSPECIFIED:
-            proposer = base.proposer
-        elif s.proposer in PROPOSERS:
-            proposer = PROPOSERS[s.proposer]
-        else:
-            raise HedgerowError(f"speculation.proposer {s.proposer} is not a Proposer "
-                                f"(one of {', '.join(pb.Proposer.keys())})")
+        mode = _enum_field("speculation.mode", s.mode, MODES, pb.SpeculationMode, base.mode)
+        proposer = _enum_field("speculation.proposer", s.proposer, PROPOSERS, pb.Proposer, base.proposer)
         sizes = {name: getattr(s, name) for name in ("draft_tokens", "tree_budget", "ngram_max", "ngram_min")
                  if s.HasField(name)}
         try:  # SpecParams checks every size against SPEC_LIMITS; its message starts with the size's name
             return replace(base, mode=mode, proposer=proposer, **sizes)  # the rest: the server's defaults
         except ValueError as exc:
             raise HedgerowError(f"speculation.{exc}") from None
+
+
+def _enum_field(name: str, value: int, known: dict, enum, default):
+    """A proto enum field's value: ``default`` when unspecified (0), else its entry in ``known``;
+    an unknown number is refused naming the field and the enum's values."""
+    if value == 0:
+        return default
+    if value in known:
+        return known[value]
+    raise HedgerowError(f"{name} {value} is not a {enum.DESCRIPTOR.name} (one of {', '.join(enum.keys())})")
