@@ -106,6 +106,23 @@ def client(proxy):
     return proxy.client()
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tiny_folders, tmp_path_factory):
+    """A folder with a copy of the tiny tokenizer and a chat template (``CHAT_TEMPLATE``), for
+    proxies that serve chat."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat-tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(tiny_folders["target"]))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def model(backend):
     """The served model's name, as the proxy lists it."""

@@ -19,8 +19,6 @@ pytestmark = pytest.mark.live
 PROMPT = "def fibonacci(n):"
 N = 16
 K = 3
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +29,8 @@ def hf_target(tiny_folders):
 
 
 @pytest.fixture(scope="module")
-def chat_proxy(backend, tiny_folders, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("chat-tokenizer")
-    tok = AutoTokenizer.from_pretrained(str(tiny_folders["target"]))
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(folder)
-    with LiveProxy(backend.address, tokenizer=str(folder)) as p:
+def chat_proxy(backend, chat_tokenizer):
+    with LiveProxy(backend.address, tokenizer=str(chat_tokenizer)) as p:
         yield p
 
 

@@ -19,22 +19,6 @@ from tests.live import TEXT_PROMPTS, LiveProxy
 openai = pytest.importorskip("openai", reason="the proxy tests drive the official client: pip install openai")
 pytestmark = pytest.mark.live
 
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(tiny_folders, tmp_path_factory):
-    """A copy of the tiny tokenizer with a chat template."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("chat-tokenizer")
-    tok = AutoTokenizer.from_pretrained(str(tiny_folders["target"]))
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(folder)
-    return folder
-
-
 def grpc_text(backend, prompt, n) -> pb.GenerateResponse:
     msg = pb.GenerateRequest(stopping=pb.StoppingCriteria(max_new_tokens=n))
     if isinstance(prompt, str):

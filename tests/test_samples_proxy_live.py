@@ -17,20 +17,12 @@ pytestmark = pytest.mark.live
 PROMPT = "def fibonacci(n):"
 SEED = 11
 SAMPLED = {"temperature": 0.9, "max_tokens": 12}
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 MESSAGES = [{"role": "user", "content": "def add"}]
 
 
 @pytest.fixture(scope="module")
-def chat_client(backend, tiny_folders, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("chat-tokenizer")
-    tok = AutoTokenizer.from_pretrained(str(tiny_folders["target"]))
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(folder)
-    with LiveProxy(backend.address, tokenizer=str(folder)) as p:
+def chat_client(backend, chat_tokenizer):
+    with LiveProxy(backend.address, tokenizer=str(chat_tokenizer)) as p:
         yield p.client()
 
 
