@@ -257,6 +257,19 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path] | str:
     return cert, key
 
 
+class FailedCall(grpc.aio.AioRpcError):
+    """A failed gRPC call with a given status and details, as the proxy's error mapping sees one."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (the peak) of a process, in KiB, from /proc/PID/status."""
     out = {}

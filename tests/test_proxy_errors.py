@@ -15,7 +15,7 @@ import pytest
 
 from hedgerow.server.proxy.backend import grpc_error
 from hedgerow.server.proxy.cli import listen
-from tests.live import TEXT_PROMPTS, LiveProxy, ProxyProcess
+from tests.live import TEXT_PROMPTS, FailedCall, LiveProxy, ProxyProcess
 
 openai = pytest.importorskip("openai", reason="the proxy tests drive the official client: pip install openai")
 
@@ -149,25 +149,15 @@ def test_a_deadline_is_504(backend, model):
 
 @pytest.mark.unit
 def test_grpc_status_codes_map_to_http():
-    class Failed(grpc.aio.AioRpcError):
-        def __init__(self, code, details):
-            self._c, self._d = code, details
-
-        def code(self):
-            return self._c
-
-        def details(self):
-            return self._d
-
     S = grpc.StatusCode
     for code, status in ((S.INVALID_ARGUMENT, 400), (S.RESOURCE_EXHAUSTED, 429), (S.UNAVAILABLE, 503),
                          (S.DEADLINE_EXCEEDED, 504), (S.INTERNAL, 500), (S.UNKNOWN, 500)):
-        assert grpc_error(Failed(code, "x")).status == status
-    e = grpc_error(Failed(S.INVALID_ARGUMENT, "sampling.top_p must be in (0, 1], got 1.5"))
+        assert grpc_error(FailedCall(code, "x")).status == status
+    e = grpc_error(FailedCall(S.INVALID_ARGUMENT, "sampling.top_p must be in (0, 1], got 1.5"))
     assert (e.param, e.message) == ("top_p", "top_p must be in (0, 1], got 1.5")
-    e = grpc_error(Failed(S.INVALID_ARGUMENT, "prompt is 300 tokens; ..."), prompt_param="messages")
+    e = grpc_error(FailedCall(S.INVALID_ARGUMENT, "prompt is 300 tokens; ..."), prompt_param="messages")
     assert e.param == "messages"
-    e = grpc_error(Failed(S.INVALID_ARGUMENT, "speculation mode chain needs a draft model; this server has none"))
+    e = grpc_error(FailedCall(S.INVALID_ARGUMENT, "speculation mode chain needs a draft model; this server has none"))
     assert e.param == "hedgerow.speculation.mode"
 
 

@@ -18,7 +18,7 @@ import pytest
 from hedgerow.server.proxy.backend import grpc_error
 from hedgerow.server.proxy.cli import add_arguments, config_from_args
 from hedgerow.server.service.requests import ServiceConfig
-from tests.live import LiveProxy, ProxyProcess, memory_kib, req, self_signed_certificate, text_server
+from tests.live import FailedCall, LiveProxy, ProxyProcess, memory_kib, req, self_signed_certificate, text_server
 
 openai = pytest.importorskip("openai", reason="the proxy tests drive the official client: pip install openai")
 
@@ -187,20 +187,10 @@ def test_an_oversized_prompt_is_400_naming_it_and_counted(backend, proxy, model)
 def test_a_message_too_large_for_grpc_is_413_and_a_full_queue_429():
     import grpc
 
-    class Failed(grpc.aio.AioRpcError):
-        def __init__(self, code, details):
-            self._c, self._d = code, details
-
-        def code(self):
-            return self._c
-
-        def details(self):
-            return self._d
-
-    e = grpc_error(Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (9000000 vs. 4266432)"))
+    e = grpc_error(FailedCall(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (9000000 vs. 4266432)"))
     assert e.status == 413 and "9000000" in e.message and e.code == "request_too_large"
-    assert grpc_error(Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "the waiting queue is full")).status == 429
-    e = grpc_error(Failed(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; ipv4:10.1.2.3:50051"))
+    assert grpc_error(FailedCall(grpc.StatusCode.RESOURCE_EXHAUSTED, "the waiting queue is full")).status == 429
+    e = grpc_error(FailedCall(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; ipv4:10.1.2.3:50051"))
     assert e.status == 503 and "10.1.2.3" not in e.message and "50051" not in e.message
 
 
