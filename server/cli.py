@@ -147,5 +147,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``hedgerow`` command: ``main``, then the end of the process. A background compile
+    (``--compile auto``) that is still running is a daemon thread inside torch's compiler, and
+    finalising the interpreter around it can abort the process (SIGABRT, "terminate called without
+    an active exception") after a clean stop; so then the process ends at once with ``os._exit``,
+    its output flushed and its exit status kept. Only the command does this: ``main`` returns, for
+    callers in a process of their own."""
+    status = main()
+    fast_pass = sys.modules.get("hedgerow.server.engine.fast_pass")  # never imported just to ask
+    if fast_pass is not None and fast_pass.compiling():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -84,3 +84,23 @@ def test_bad_input_in_a_real_process_has_no_traceback(tiny_folders):
     lines = proc.stderr.strip().splitlines()  # progress lines ("hedgerow: loading ..."), then the error
     assert all(line.startswith("hedgerow: ") for line in lines), proc.stderr
     assert [line for line in lines if line.startswith("hedgerow: error: ")] == lines[-1:]
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("compiling", [False, True])
+def test_the_command_ends_at_once_while_a_background_compile_runs(compiling):
+    """With a background compile still running, the command ends with os._exit (the interpreter is
+    not finalised around the compiler's thread: that could abort the process), its output flushed
+    and its status kept; otherwise it exits normally (atexit handlers run)."""
+    code = (
+        "import atexit, sys, time\n"
+        "from hedgerow.server.engine import fast_pass\n"
+        "from hedgerow.server.cli import entry\n"
+        "atexit.register(lambda: print('finalised', flush=True))\n"
+        f"if {compiling}: fast_pass.start_background(lambda: time.sleep(60), 'compile')\n"
+        "sys.argv = ['hedgerow', 'generate', '--max-new-tokens', '0']\n"
+        "entry()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "hedgerow: error:" in proc.stderr, proc.stderr
+    assert ("finalised" in proc.stdout) is not compiling

@@ -234,7 +234,16 @@ def _flat(args: tuple) -> list[torch.Tensor]:
     return out
 
 
+_BACKGROUND: list[threading.Thread] = []
+
+
 def start_background(target: Callable[[], None], name: str) -> threading.Thread:
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
+    _BACKGROUND.append(thread)
     return thread
+
+
+def compiling() -> bool:
+    """Whether a background compile (``--compile auto``) is still running in this process."""
+    return any(t.is_alive() for t in _BACKGROUND)
