@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import socket
+import threading
 import time
 
 import grpc
@@ -162,6 +163,8 @@ def test_a_killed_replica_ends_its_requests_with_a_status_and_the_other_goes_on(
     before = replica_targets()
     assert len(before) == 2
 
+    under_way = threading.Semaphore(0)  # released once per stream, at its first message
+
     def long_stream(i: int):
         """(status, tokens, replica) of a long stream; the replica is known once it ends well."""
         tokens = 0
@@ -169,6 +172,8 @@ def test_a_killed_replica_ends_its_requests_with_a_status_and_the_other_goes_on(
             max_new_tokens=384, ignore_eos=True)), timeout=120, metadata=AUTH)
         try:
             for message in call:
+                if tokens == 0:
+                    under_way.release()
                 tokens += len(message.token_ids)
         except grpc.RpcError as exc:
             return exc.code(), exc.details(), tokens, None
@@ -176,7 +181,10 @@ def test_a_killed_replica_ends_its_requests_with_a_status_and_the_other_goes_on(
 
     with cf.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(long_stream, i) for i in range(8)]
-        time.sleep(4.0)  # every stream is under way (the replicas each decode four)
+        # every stream is under way (the replicas each decode four): kill then, not after a fixed
+        # wait, which a fast machine may spend finishing the streams
+        for _ in futures:
+            assert under_way.acquire(timeout=60), "a stream did not start"
         victim = sorted(before)[0]
         name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                     if a["namespace"] == "serve" and DEPLOYMENT_NAME in a["name"] and a["name"].endswith(victim))
