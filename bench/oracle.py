@@ -4,8 +4,8 @@ probability 1 - alpha. Under greedy verification a draft token is then accepted 
 exactly alpha, independently per position: the setting of the expected-speedup model
 (docs/algorithms.md).
 
-It is a ``ChainProposer`` whose choice of token is swapped: the catch-up pass, the draft forward
-per token, the draft KV bookkeeping (``commit``) are the chain proposer's own. Bench code installs
+It is a ``ChainProposer`` whose choice of token is swapped: the catch-up pass, the draft's greedy
+run or forward per token, the draft KV bookkeeping (``commit``) are the chain proposer's own. Bench code installs
 it with ``engine.proposer.chains = OracleProposer(engine.proposer.draft, ...)``; greedy requests only.
 """
 
@@ -42,15 +42,24 @@ class OracleProposer(ChainProposer):
 
     def _choose(self, logits: torch.Tensor, seqs: Seq) -> list[tuple[int, torch.Tensor | None]]:
         logits.argmax(-1).tolist()  # the work a real greedy pick does (argmax, device->host copy), discarded
-        out = []
-        for s in seqs:
-            k = self._offset[id(s)]
-            self._offset[id(s)] = k + 1
-            known = self.continuations.get(s.request_id, [])
-            pos = len(s.tokens) - s.prompt_len + k  # index of this draft token in the continuation
-            true = known[pos] if pos < len(known) else self.rng.randrange(self.vocab_size)
-            if self.rng.random() < self.alpha:
-                out.append((true, None))
-            else:  # any token but the true one: rejected for sure
-                out.append(((true + 1 + self.rng.randrange(self.vocab_size - 1)) % self.vocab_size, None))
-        return out
+        return [(self._pick(s), None) for s in seqs]
+
+    def _greedy_runs(self, group, want, drafted, last, passes, stop) -> set[int]:
+        """The greedy run really runs (its cost is real); its tokens are then swapped for the oracle's
+        (the draft's KV rows stay those of its own tokens: the oracle never reads the draft's logits)."""
+        before = [len(d) for d in drafted]
+        rows = super()._greedy_runs(group, want, drafted, last, passes, stop)
+        for k in rows:
+            drafted[k][before[k]:] = [self._pick(group[k]) for _ in drafted[k][before[k]:]]
+        return rows
+
+    def _pick(self, s) -> int:
+        """The oracle's next draft token for ``s``: the target's, with probability alpha."""
+        k = self._offset[id(s)]
+        self._offset[id(s)] = k + 1
+        known = self.continuations.get(s.request_id, [])
+        pos = len(s.tokens) - s.prompt_len + k  # index of this draft token in the continuation
+        true = known[pos] if pos < len(known) else self.rng.randrange(self.vocab_size)
+        if self.rng.random() < self.alpha:
+            return true
+        return (true + 1 + self.rng.randrange(self.vocab_size - 1)) % self.vocab_size  # any other: rejected for sure

@@ -129,7 +129,7 @@ def native_targets(data: dict) -> tuple[dict | None, list[Target]]:
     times = data.get("pass_times") or {}
     draft = [times.get(impl, {}).get("t_draft") for impl in ("native", "transformers")]
     return best, [
-        Target("native draft pass ≤ 0.5× transformers' draft pass", 0.5,
+        Target("native draft cost per token ≤ 0.5× transformers'", 0.5,
                draft[0] / draft[1] if all(draft) else None, at_most=True),
         Target("plain decoding (native) ≥ 1.3× HF generate", 1.3, _speed(plain, by.get("hf"))),
         Target("best speculative mode (native) ≥ 2.0× plain decoding (native)", 2.0, _speed(best, plain)),
@@ -143,14 +143,14 @@ def native_section(runs: list[tuple[str, dict]]) -> list[str]:
     lines = ["## The native fast path against transformers", "",
              "The targets of `bench/README.md` for Hedgerow's native models, in every offline run that measured both "
              "model implementations (modes `MODE:native` and `MODE:transformers`); ratios measured within one run. "
-             "'best' is the fastest native speculative mode whose output equals plain decoding's; the draft pass "
+             "'best' is the fastest native speculative mode whose output equals plain decoding's; the draft cost per token "
              "ratio is of the median pass times (`pass_times`); tree / chain compares the fastest native dynamic "
              "tree with the fastest native chain.", ""]
     assessed = [(stem, d, native_targets(d)) for stem, d in runs if _both_implementations(d)]
     if not assessed:
         return lines + ["No run in bench/results measured both implementations yet: these targets are not "
                         "assessed.", ""]
-    headers = ["run", "device", "best mode", "native draft pass / transformers' (≤ 0.5×)", "plain / hf (≥ 1.3×)",
+    headers = ["run", "device", "best mode", "native draft per token / transformers' (≤ 0.5×)", "plain / hf (≥ 1.3×)",
                "best / plain (≥ 2.0×)", "best / hf-assisted (≥ 1.5×)", "tree / chain (≥ 1.0×)", "met"]
     lines += _assessment(headers, [(stem, [d["config"]["target_device"], best["name"] if best else "—"], ts)
                                    for stem, d, (best, ts) in assessed])
@@ -162,7 +162,7 @@ def native_section(runs: list[tuple[str, dict]]) -> list[str]:
 def bound_lines(stem: str, data: dict, best: dict | None) -> list[str]:
     """What bounds the best chain of a run, from its own pass times: a chain step of γ draft tokens
     costs γ draft passes and one verify pass of γ+1 tokens, so with E tokens per step the speedup
-    over plain decoding is at most E / (γ·c + v), c = draft pass / target pass, v = verify pass /
+    over plain decoding is at most E / (γ·c + v), c = draft cost per token / target pass, v = verify pass /
     target pass (docs/algorithms.md, the expected-speedup model); 2.0× needs c ≤ (E/2 − v) / γ."""
     times = (data.get("pass_times") or {}).get("native")
     specs = {c["name"]: c["spec"] for c in data["config"]["contenders"] if c["spec"]}

@@ -8,8 +8,8 @@ and the step costs it takes.
 a is the realised per-token acceptance (accepted / (accepted + rejections): the estimate of alpha
 under independent acceptances), g = --draft-tokens. Step costs are measured on the engine's own
 runners at batch 1, median of repeated calls, the passes taking turns: t_target one target pass of
-1 token, t_verify(g+1) one pass of a g+1-token chain, t_draft one draft pass of 1 token (flatten,
-forward, logits, argmax, the host copy included). ``ideal`` takes a verify pass to cost one target
+1 token, t_verify(g+1) one pass of a g+1-token chain, t_draft one draft token as chains draft it:
+a greedy run of g tokens (server/engine/greedy_run.py), per token, tokens and logits copied back. ``ideal`` takes a verify pass to cost one target
 step, as the model does; ``ideal_vc`` charges the verify pass its measured cost, so
 ``measured / ideal_vc`` is what is lost outside the model passes.
 
@@ -75,6 +75,20 @@ def pass_clock(runner, nodes: int, prefix: int, burst: int = 1) -> Callable[[], 
     return once
 
 
+def greedy_clock(runner, tokens: int, prefix: int) -> Callable[[], float]:
+    """A timer of a greedy draft chain of ``tokens`` tokens after ``prefix`` cached rows, per token:
+    one token fed, then drafting, tokens and logits copied back, in the scratch slot."""
+    slot = runner.cache.scratch_slot
+    rng = random.Random(0)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        runner.greedy_chains([slot], [prefix], [[rng.randrange(2, runner.vocab_size)]], tokens, runner.vocab_size)
+        return (time.perf_counter() - t0) / tokens
+
+    return once
+
+
 def median_seconds(clocks: dict, samples: int, warmup: int = 3) -> dict:
     """Each clock's median over ``samples`` calls after ``warmup`` calls, the clocks taking turns
     (one call of each, then the next round), so drift on the machine hits all alike."""
@@ -92,15 +106,17 @@ def pass_times(pairs: dict[str, tuple], draft_tokens: int, prefix: int, samples:
                draft_verify: bool = True) -> dict[str, dict]:
     """Median pass times of each (target runner, draft runner or None) pair, all pairs' passes
     interleaved: ``t_target`` one target pass of 1 token, ``t_verify`` of a chain of γ+1 tokens,
-    ``t_draft`` one draft pass of 1 token (the mean of γ in a row, as drafting runs them),
-    ``t_draft_verify`` of γ+1 tokens (with ``draft_verify``), ``c = t_draft / t_target``; every pass
-    after ``prefix`` cached rows."""
+    ``t_draft`` the draft's cost per token of a greedy chain of γ tokens as drafting runs it (one
+    catch-up token fed, then γ - 1 more passes, server/engine/greedy_run.py), ``t_draft_pass`` one
+    draft pass of 1 token on its own (the mean of γ in a row), ``t_draft_verify`` of γ+1 tokens (with
+    ``draft_verify``), ``c = t_draft / t_target``; every pass after ``prefix`` cached rows."""
     clocks = {}
     for name, (target, draft) in pairs.items():
         clocks[name, "t_target"] = pass_clock(target, 1, prefix)
         clocks[name, "t_verify"] = pass_clock(target, draft_tokens + 1, prefix)
         if draft is not None:
-            clocks[name, "t_draft"] = pass_clock(draft, 1, prefix, burst=max(1, draft_tokens))
+            clocks[name, "t_draft"] = greedy_clock(draft, max(1, draft_tokens), prefix)
+            clocks[name, "t_draft_pass"] = pass_clock(draft, 1, prefix, burst=max(1, draft_tokens))
             if draft_verify:
                 clocks[name, "t_draft_verify"] = pass_clock(draft, draft_tokens + 1, prefix)
     medians = median_seconds(clocks, samples)

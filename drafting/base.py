@@ -45,6 +45,13 @@ class DraftRunner(Protocol):
     def extend(self, slots: list[int], prefix_lens: list[int], chains: list[list[int]], chunk: int) -> torch.Tensor:
         """Append token runs to the slots; hidden state of each run's last token [B, hidden]."""
 
+    def greedy_chains(self, slots: list[int], starts: list[int], fed: list[list[int]], tokens: int,
+                      vocab: int) -> tuple[list[list[int]], torch.Tensor]:
+        """Feed row i the tokens ``fed[i]`` (KV rows from ``starts[i]`` on), then draft ``tokens``
+        greedy tokens per row on the first ``vocab`` tokens: the tokens and the logits each was
+        chosen from [B, tokens, vocab']. Rows are written for the fed tokens and every drafted token
+        but the last, exactly as the pass-per-token loop writes them."""
+
 
 def adapt_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     """Put draft logits on the target's vocabulary.

@@ -1,7 +1,10 @@
-"""Chain proposer: the draft model drafts a run of tokens, one batched pass per token.
+"""Chain proposer: the draft model drafts a run of tokens.
 
-Greedy requests draft the draft's argmax (children are point masses); sampled requests draw each
-token from the draft's warped distribution q and keep q for verification (i.i.d. children).
+Greedy requests draft the draft's argmax (children are point masses), as a greedy run: the runner
+drafts the whole chain on the device in one or a few calls (server/engine/greedy_run.py), each
+chain cut afterwards where it was to end. Sampled requests (and chains a greedy run cannot take:
+hedge branches, chains past the cache) draft one batched pass per token: each token drawn from
+the draft's warped distribution q, kept for verification (i.i.d. children).
 
 Draft KV: the catch-up pass writes the rows of every committed token the draft has not seen yet
 (usually the last correction/bonus token, plus the last draft token when all were accepted);
@@ -58,6 +61,29 @@ class ChainProposer:
         drafted: list[list[int]] = [list(h.tail) if h else [] for h in hedges]
         qs: list[list[torch.Tensor]] = [list(h.probs) if h else [] for h in hedges]
 
+        last: list[torch.Tensor | None] = [None] * len(group)
+        fast = self._greedy_runs(group, want, drafted, last, passes, stop)
+        rest = [k for k in range(len(group)) if k not in fast]
+        if rest:
+            self._loop([group[k] for k in rest], [hedges[k] for k in rest], [want[k] for k in rest],
+                       [drafted[k] for k in rest], [qs[k] for k in rest], last, rest, passes, stop)
+
+        for k, i in enumerate(active):
+            s = group[k]
+            if not drafted[k]:
+                continue  # stopped before the first token: the root alone
+            tokens = [s.tokens[-1]] + drafted[k]
+            last_out[i] = last[k]
+            if s.sampling.greedy:
+                trees[i] = DraftTree.chain(tokens)
+            else:
+                probs = torch.stack(qs[k] + [torch.zeros_like(qs[k][0])])  # [n + 1, vocab]; leaf row unused
+                trees[i] = DraftTree.chain(tokens, ChildRule.IID, probs)
+        return Chains(trees, last_out)
+
+    def _loop(self, group, hedges, want, drafted, qs, last_out, index, passes, stop) -> None:
+        """Draft one pass per token (sampled chains, hedges, chains that do not fit a greedy run):
+        ``drafted`` and ``qs`` are filled in place, ``last_out[index[k]]`` gets row k's last logits."""
         logits = self.draft.catch_up(group, passes, [d[:-1] for d in drafted])  # [B, vocab]
         last: list[torch.Tensor | None] = [logits[k] if hedges[k] else None for k in range(len(group))]
         live = [k for k in range(len(group)) if want[k] > 0]
@@ -82,19 +108,27 @@ class ChainProposer:
             )
             logits = self.draft.forward_logits([group[k].draft_slot for k in live], flat, passes)[:, 0]
             rows = {k: r for r, k in enumerate(live)}
-
-        for k, i in enumerate(active):
-            s = group[k]
-            if not drafted[k]:
-                continue  # stopped before the first token: the root alone
-            tokens = [s.tokens[-1]] + drafted[k]
+        for k, i in enumerate(index):
             last_out[i] = last[k]
-            if s.sampling.greedy:
-                trees[i] = DraftTree.chain(tokens)
-            else:
-                probs = torch.stack(qs[k] + [torch.zeros_like(qs[k][0])])  # [n + 1, vocab]; leaf row unused
-                trees[i] = DraftTree.chain(tokens, ChildRule.IID, probs)
-        return Chains(trees, last_out)
+
+    def _greedy_runs(self, group, want, drafted, last, passes, stop) -> set[int]:
+        """Greedy chains drafted on the device (``DraftModel.greedy_chains``): every row runs the
+        longest chain, then each is cut to its own size and where ``stop`` first says so, which is
+        where the pass-per-token loop would have stopped. Fills ``drafted`` and ``last``; returns the
+        rows it drafted."""
+        rows = [k for k in range(len(group)) if want[k] > 0 and group[k].sampling.greedy]
+        top = max((want[k] for k in rows), default=0)
+        rows = [k for k in rows if self.draft.fits_greedy_run(group[k], top)]
+        if not rows:
+            return set()
+        tokens, logits = self.draft.greedy_chains([group[k] for k in rows], max(want[k] for k in rows), passes)
+        for r, k in enumerate(rows):
+            n = want[k]
+            if stop is not None:
+                n = next((j for j in range(n) if stop(torch.softmax(logits[r, j], -1))), n)
+            drafted[k].extend(tokens[r][:n])
+            last[k] = logits[r, n - 1] if n else None
+        return set(rows)
 
     def _choose(self, logits: torch.Tensor, seqs: Seq[DraftSequence]) -> list[tuple[int, torch.Tensor | None]]:
         """Each sequence's next draft token, and the q it was drawn from (None: a point mass)."""

@@ -57,6 +57,25 @@ class DraftModel:
             s.draft_len = len(s.tokens)
         return self.logits(hidden)
 
+    def fits_greedy_run(self, seq: DraftSequence, tokens: int) -> bool:
+        """Whether a greedy run of ``tokens`` draft tokens fits ``seq``'s KV rows (rows are written
+        for the catch-up tokens and every drafted token but the last)."""
+        return len(seq.tokens) + tokens - 1 <= self.max_len
+
+    def greedy_chains(self, seqs: Seq[DraftSequence], tokens: int, passes: list[int]) -> tuple[list[list[int]], torch.Tensor]:
+        """Catch up as ``catch_up`` does, then draft ``tokens`` greedy tokens per sequence without
+        a host round trip per token: the tokens [B][tokens] and the logits each was chosen from,
+        on the target's vocabulary [B, tokens, vocab]. Every sequence drafts ``tokens``; one that
+        wanted fewer cuts its chain (the rows past its cut are never committed)."""
+        starts = [min(s.draft_len, len(s.tokens) - 1) for s in seqs]
+        fed = [s.tokens[a:] for s, a in zip(seqs, starts)]
+        passes.append(sum(len(f) for f in fed))
+        passes.extend([len(seqs)] * (tokens - 1))
+        out, logits = self.runner.greedy_chains([s.draft_slot for s in seqs], starts, fed, tokens, self.target_vocab)
+        for s in seqs:
+            s.draft_len = len(s.tokens)
+        return out, adapt_vocab(logits, self.target_vocab)
+
 
 def top_children(logits: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
     """Deterministic children: the k most probable tokens and their draft log-probabilities."""

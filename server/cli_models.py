@@ -133,7 +133,8 @@ def build_engine(args):
     try:
         fast = dict(backend=backend, compile=args.compile, cuda_graphs=args.cuda_graphs)
         t = ModelRunner(pair.target, num_slots=slots, max_len=args.max_model_len, name="target", **fast)
-        d = ModelRunner(pair.draft, num_slots=slots, max_len=args.max_model_len, name="draft", **fast) if pair.draft else None
+        d = ModelRunner(pair.draft, num_slots=slots, max_len=args.max_model_len, name="draft", drafts=True,
+                        **fast) if pair.draft else None
     except ValueError as exc:
         raise HedgerowError(f"--attention-backend: {exc}") from None
     if d is not None and args.adaptive == "cost":

@@ -128,5 +128,5 @@ def test_report_states_native_targets_from_numbers(tmp_path):
     # best native speculative mode: tree-static (50); tree (dynamic, 40) is slower than chain (45)
     assert row == ("| `y` | cuda:0 | tree-static | 0.25× (met) | 1.43× (met) | 2.50× (met) | 2.00× (met) "
                    "| 0.89× (not met) | 4 of 5 measured |")
-    assert "- native draft pass ≤ 0.5× transformers' draft pass: met; best measured 0.25× (`y`)." in text
+    assert "- native draft cost per token ≤ 0.5× transformers': met; best measured 0.25× (`y`)." in text
     assert "- dynamic tree (native) ≥ 1.0× chain (native): not met; best measured 0.89× (`y`)." in text

@@ -108,6 +108,14 @@ class PassClock:
             return forward(slots, flat)
 
         runner.forward = timed
+        greedy = runner.greedy_chains
+
+        def timed_greedy(slots, starts, fed, tokens, vocab):
+            # the passes a greedy run stands for: the catch-up, then one per later draft token
+            self.now += a + b * sum(len(f) for f in fed) + (tokens - 1) * (a + b * len(slots))
+            return greedy(slots, starts, fed, tokens, vocab)
+
+        runner.greedy_chains = timed_greedy
 
 
 def make_engine(target, draft=None, *, mode=SpecMode.CHAIN, gamma=4, slots=8, max_len=256, adaptive="none",

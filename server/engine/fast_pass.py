@@ -118,8 +118,8 @@ class CompiledPasses:
                     continue
                 entry = {"compile_seconds": round(time.perf_counter() - t0, 2)}
                 if measure:
-                    entry["eager_ms"] = _median_ms(lambda: self.fn(*args))
-                    entry["compiled_ms"] = _median_ms(lambda: self.compiled(*args))
+                    entry["eager_ms"] = median_ms(lambda: self.fn(*args))
+                    entry["compiled_ms"] = median_ms(lambda: self.compiled(*args))
                     entry["used"] = entry["compiled_ms"] < entry["eager_ms"]
                 else:
                     entry["used"] = True
@@ -160,7 +160,7 @@ def _mark_dynamic(args: tuple, one_row: bool, one_token: bool) -> None:
         torch._dynamo.mark_dynamic(mask, 2)
 
 
-def _median_ms(fn: Callable[[], object], runs: int = 15) -> float:
+def median_ms(fn: Callable[[], object], runs: int = 15) -> float:
     fn()
     times = []
     for _ in range(runs):

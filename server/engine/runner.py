@@ -16,6 +16,7 @@ import torch
 
 from hedgerow.server.engine import fast_pass
 from hedgerow.server.engine.fast_pass import CompiledPasses, CudaGraphPasses, PassFunction, SlotAttention, plan_args
+from hedgerow.server.engine.greedy_run import GreedyRuns
 from hedgerow.server.engine.kv_cache import SlotKVCache
 from hedgerow.server.models import attention
 from hedgerow.server.models.attention import ForwardPlan, TreeKernelPlan
@@ -37,10 +38,12 @@ class ModelRunner:
         compile: str = "off",
         compile_backend: str = "inductor",
         cuda_graphs: str = "off",
+        drafts: bool = False,
     ):
         """``compile``: off | on (compile now) | auto (compile in the background, use what times
         faster) -- CPU only, with torch.compile's ``compile_backend``; ``cuda_graphs``: off | auto
-        (capture each bucket at its first use) -- CUDA only."""
+        (capture each bucket at its first use) -- CUDA only. ``drafts``: the model drafts, so its greedy
+        chains are compiled too (server/engine/greedy_run.py)."""
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         if cuda_graphs not in ("off", "auto"):
@@ -65,12 +68,20 @@ class ModelRunner:
         cuda = self.device.type == "cuda"
         self.graphs = CudaGraphPasses(self.pass_fn, self.cache, num_slots, name) if cuda and cuda_graphs == "auto" else None
         self.compiled = CompiledPasses(self.pass_fn, name, compile_backend) if not cuda and compile != "off" else None
+        self.greedy = GreedyRuns(model, self.cache, self._attend, name,
+                                 compile_backend if self.compiled is not None and drafts else None)
         if self.compiled is not None:
             examples = {(b == 1, n == 1): self._example(b, n) for b in (1, 2) for n in (1, 4)}
+
+            def prepare(measure: bool) -> None:
+                self.compiled.prepare(examples, measure=measure)
+                if self.greedy.compiled is not None:
+                    self.greedy.prepare(self.vocab_size, measure=measure)
+
             if compile == "on":
-                self.compiled.prepare(examples, measure=False)
+                prepare(False)
             else:
-                fast_pass.start_background(lambda: self.compiled.prepare(examples, measure=True), f"{name}-compile")
+                fast_pass.start_background(lambda: prepare(True), f"{name}-compile")
 
     @torch.inference_mode()  # as every pass's tensors: a compiled pass is specialised on it
     def _example(self, batch: int, nodes: int) -> tuple:
@@ -127,6 +138,12 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)
+
+    def greedy_chains(self, slots: list[int], starts: list[int], fed: list[list[int]], tokens: int,
+                      vocab: int) -> tuple[list[list[int]], torch.Tensor]:
+        """Feed each row its tokens, then draft ``tokens`` greedy tokens per row in as few calls as
+        possible (server/engine/greedy_run.py): the tokens and the logits each was chosen from."""
+        return self.greedy(slots, starts, fed, tokens, min(vocab, self.vocab_size))
 
     def extend(self, slots: list[int], prefix_lens: list[int], chains: list[list[int]], chunk: int) -> torch.Tensor:
         """Append token runs to the given slots, ``chunk`` tokens per sequence per pass.
