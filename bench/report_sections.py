@@ -244,5 +244,20 @@ def soak_section(stem: str, data: dict, rel: str) -> list[str]:
     return lines
 
 
+def drafts_section(stem: str, data: dict, rel: str) -> list[str]:
+    cfg = data["config"]
+    return [f"## Draft shapes: `{stem}`", ""] + _header(stem, data, rel) + [
+        f"Each draft against the target: acceptance of greedy chains of γ = {cfg['draft_tokens']} model tokens "
+        f"(no n-gram nodes, fixed size) over the first {cfg['num_prompts']} {cfg['prompts']} prompts, up to "
+        f"{cfg['max_new_tokens']} new tokens each, to end of text; cost per draft token as chains draft it (a greedy "
+        f"run of γ tokens), the lone pass beside it, and a target pass of one token, after {cfg['context']} cached "
+        f"rows, medians with every pair's passes interleaved (compile {cfg['compile']}); c = draft per token / "
+        "target pass. Drafts with random weights are there for their cost (their acceptance is ~0 by construction).",
+        "", tables.drafts(data["results"]), ""] + (
+        ["Random-weight drafts made by:", "", "```bash", *(r["random_weights"] for r in data["results"]
+                                                          if r.get("random_weights")), "```", ""]
+        if any(r.get("random_weights") for r in data["results"]) else [])
+
+
 SECTIONS = {"offline": offline_section, "serve": serve_section, "sweep": sweep_section, "gpu": gpu_section,
-            "soak": soak_section}
+            "soak": soak_section, "drafts": drafts_section}

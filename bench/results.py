@@ -90,7 +90,7 @@ def render(folder: str | Path = RESULTS_DIR) -> str:
         "",
     ]
     lines += target_section(runs) + native_section(runs)
-    order = {"offline": 0, "sweep": 1, "serve": 2, "soak": 3, "gpu": 4}
+    order = {"offline": 0, "drafts": 1, "sweep": 2, "serve": 3, "soak": 4, "gpu": 5}
     for stem, data in sorted(runs, key=lambda x: (order.get(x[1]["config"]["kind"], 9), x[0])):
         lines += SECTIONS[data["config"]["kind"]](stem, data, rel)
     if not runs:

@@ -208,6 +208,18 @@ def pass_times(times: dict[str, dict]) -> str:
                            "target pass", "verify pass (γ+1)", "c = draft / target"], rows)
 
 
+def drafts(results: list[dict]) -> str:
+    """``bench drafts``: each draft's shape, acceptance and cost per token against the target."""
+    def ms(x):
+        return fmt(None if x is None else 1e3 * x, 3, " ms")
+
+    rows = [[f"`{r['name']}`" + (" (random weights)" if r.get("random_weights") else ""), r["layers"], r["hidden"], r["intermediate"], f"{r['parameters'] / 1e6:.2f} M",
+             fmt(r["acceptance_rate"], 3), fmt(r["mean_accepted_length"], 2), ms(r["t_draft"]), ms(r["t_draft_pass"]),
+             ms(r["t_target"]), fmt(r["c"], 3)] for r in results]
+    return markdown_table(["draft", "layers", "hidden", "MLP", "parameters", "acceptance rate", "tokens per step",
+                           "draft per token", "draft pass alone", "target pass", "c"], rows)
+
+
 # --- gpu ----------------------------------------------------------------------------------------
 def gpu(results: list[dict]) -> str:
     """Each part of ``bench gpu``: its status, time against its budget and figures; the CPU dry
