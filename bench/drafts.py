@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_spec_args(p, include_mode=False, title="speculation (--draft-tokens: γ of the acceptance chains and pass times)")
     g = p.add_argument_group("drafts")
     g.add_argument("--drafts", type=csv(str, "--drafts"), required=True,
-                   help="draft folders (or Hugging Face ids), comma-separated; each is paired with --target")
+                   help="draft folders (or Hugging Face ids), comma-separated, each optionally NAME=PATH; each is "
+                   "paired with --target (default name: the folder's)")
     g.add_argument("--prompts", default="humaneval", help="prompt set, as bench offline's (default: humaneval)")
     g.add_argument("--num-prompts", type=int, default=20, help="(default: 20)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default: 128)")
@@ -58,7 +59,8 @@ def run(args) -> int:
     load_prompts(args.prompts, args.num_prompts)  # a bad --prompts fails before the models load
     spec = SpecParams(mode=SpecMode.CHAIN, draft_tokens=args.draft_tokens, proposer=ProposerKind.MODEL)
     pairs, results = {}, []
-    for path in args.drafts:
+    for entry in args.drafts:
+        label, _, path = entry.rpartition("=")
         ns = argparse.Namespace(**{**vars(args), "draft": path, "adaptive": "none", "proposer": "model",
                                    "draft_tokens": args.draft_tokens})
         engine, tokenizer = build(ns, "auto", True)
@@ -67,7 +69,7 @@ def run(args) -> int:
         for i, ids in enumerate(tqdm(prompts, desc=Path(path).name, file=sys.stderr, leave=False)):
             out = engine.generate([Request(str(i), tuple(ids), SamplingParams(), args.max_new_tokens, spec)])
             stats.append(out[str(i)].stats)
-        name = _unique(Path(path).name or path, pairs)
+        name = _unique(label or Path(path).name or path, pairs)
         pairs[name] = (engine.target, engine.draft)
         results.append({"name": name, "path": path, "random_weights": _made_by(path), **_shape(engine.draft.model),
                         **{k: v for k, v in acceptance_summary(stats).items() if k != "acceptance_length_histogram"}})

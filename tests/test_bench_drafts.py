@@ -32,13 +32,13 @@ def test_drafts_measures_acceptance_and_cost_per_draft(tmp_path):
     assert random_draft.main([str(small), "--shape", "1:64:4:2:96"]) == 0
     out = tmp_path / "drafts.json"
     shipped = str(ROOT / "server" / "embedded" / "draft")
-    assert bench("drafts", "--drafts", f"{shipped},{small}", "--num-prompts", "2", "--max-new-tokens", "24",
+    assert bench("drafts", "--drafts", f"shipped={shipped},{small}", "--num-prompts", "2", "--max-new-tokens", "24",
                  "--pass-samples", "2", "--output", str(out)) == 0
     data = json.loads(out.read_text())
     assert data["config"]["kind"] == "drafts" and data["config"]["draft_tokens"] == 4
     trained, rand = data["results"]
-    assert (trained["name"], trained["layers"], trained["hidden"], trained["random_weights"]) == ("draft", 4, 128, None)
-    assert rand["layers"] == 1 and rand["random_weights"].endswith(f"{small} --shape 1:64:4:2:96")
+    assert (trained["name"], trained["layers"], trained["hidden"], trained["random_weights"]) == ("shipped", 4, 128, None)
+    assert rand["name"] == "small" and rand["layers"] == 1 and rand["random_weights"].endswith(f"{small} --shape 1:64:4:2:96")
     for r in (trained, rand):
         assert r["draft_tokens"] > 0 and 0 <= r["acceptance_rate"] <= 1
         assert r["c"] == pytest.approx(r["t_draft"] / r["t_target"]) and r["t_draft_pass"] > 0
