@@ -35,6 +35,7 @@ class DraftRunner(Protocol):
 
     device: torch.device
     max_len: int
+    greedy_runs: bool  # whether greedy chains are drafted with ``greedy_chains`` (else one pass per token)
 
     def forward(self, slots: list[int], flat: FlatBatch) -> torch.Tensor:
         """Hidden states [B, N, hidden] of a flattened batch; every node's KV is written."""

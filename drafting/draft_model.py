@@ -59,8 +59,8 @@ class DraftModel:
 
     def fits_greedy_run(self, seq: DraftSequence, tokens: int) -> bool:
         """Whether a greedy run of ``tokens`` draft tokens fits ``seq``'s KV rows (rows are written
-        for the catch-up tokens and every drafted token but the last)."""
-        return len(seq.tokens) + tokens - 1 <= self.max_len
+        for the catch-up tokens and every drafted token but the last), on a runner that drafts so."""
+        return self.runner.greedy_runs and len(seq.tokens) + tokens - 1 <= self.max_len
 
     def greedy_chains(self, seqs: Seq[DraftSequence], tokens: int, passes: list[int]) -> tuple[list[list[int]], torch.Tensor]:
         """Catch up as ``catch_up`` does, then draft ``tokens`` greedy tokens per sequence without

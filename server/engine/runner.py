@@ -68,6 +68,9 @@ class ModelRunner:
         cuda = self.device.type == "cuda"
         self.graphs = CudaGraphPasses(self.pass_fn, self.cache, num_slots, name) if cuda and cuda_graphs == "auto" else None
         self.compiled = CompiledPasses(self.pass_fn, name, compile_backend) if not cuda and compile != "off" else None
+        # greedy runs where they are measured to pay: the CPU. On CUDA a pass replays a CUDA graph,
+        # and a greedy run, not captured yet, would launch every kernel of every token from Python
+        self.greedy_runs = not cuda
         self.greedy = GreedyRuns(model, self.cache, self._attend, name,
                                  compile_backend if self.compiled is not None and drafts else None)
         if self.compiled is not None:
