@@ -252,7 +252,9 @@ def drafts_section(stem: str, data: dict, rel: str) -> list[str]:
         f"{cfg['max_new_tokens']} new tokens each, to end of text; cost per draft token as chains draft it (a greedy "
         f"run of γ tokens), the lone pass beside it, and a target pass of one token, after {cfg['context']} cached "
         f"rows, medians with every pair's passes interleaved (compile {cfg['compile']}); c = draft per token / "
-        "target pass. Drafts with random weights are there for their cost (their acceptance is ~0 by construction).",
+        "target pass. Drafts with random weights are there for their cost (their acceptance is ~0 by construction); "
+        "trained drafts other than the embedded pair's are described where they were trained (the embedded pair's "
+        "model card, server/embedded/MODEL_CARD.md, for its candidates).",
         "", tables.drafts(data["results"]), ""] + (
         ["Random-weight drafts made by:", "", "```bash", *(r["random_weights"] for r in data["results"]
                                                           if r.get("random_weights")), "```", ""]

@@ -105,7 +105,8 @@ def build_engine(args):
     target, draft = resolve_models(args)
     devices = {args.target_device, args.draft_device or args.target_device}
     if args.target is None:
-        what = "the embedded pair" if draft else "the embedded target"
+        what = ("the embedded pair" if args.draft is None else f"the embedded target and draft {draft}") if draft \
+            else "the embedded target"
     else:
         what = f"target {target}" + (f" and draft {draft}" if draft else "")
     log.info("loading %s on %s", what, " and ".join(sorted(devices)))
