@@ -107,7 +107,8 @@ def pass_times(pairs: dict[str, tuple], draft_tokens: int, prefix: int, samples:
     """Median pass times of each (target runner, draft runner or None) pair, all pairs' passes
     interleaved: ``t_target`` one target pass of 1 token, ``t_verify`` of a chain of γ+1 tokens,
     ``t_draft`` the draft's cost per token of a greedy chain of γ tokens as drafting runs it (one
-    catch-up token fed, then γ - 1 more passes, server/engine/greedy_run.py), ``t_draft_pass`` one
+    catch-up token fed, then γ - 1 more passes, server/engine/greedy_run.py; a pass per token where
+    the runner drafts so, on CUDA), ``t_draft_pass`` one
     draft pass of 1 token on its own (the mean of γ in a row), ``t_draft_verify`` of γ+1 tokens (with
     ``draft_verify``), ``c = t_draft / t_target``; every pass after ``prefix`` cached rows."""
     clocks = {}
@@ -115,7 +116,8 @@ def pass_times(pairs: dict[str, tuple], draft_tokens: int, prefix: int, samples:
         clocks[name, "t_target"] = pass_clock(target, 1, prefix)
         clocks[name, "t_verify"] = pass_clock(target, draft_tokens + 1, prefix)
         if draft is not None:
-            clocks[name, "t_draft"] = greedy_clock(draft, max(1, draft_tokens), prefix)
+            clocks[name, "t_draft"] = (greedy_clock(draft, max(1, draft_tokens), prefix) if draft.greedy_runs
+                                       else pass_clock(draft, 1, prefix, burst=max(1, draft_tokens)))
             clocks[name, "t_draft_pass"] = pass_clock(draft, 1, prefix, burst=max(1, draft_tokens))
             if draft_verify:
                 clocks[name, "t_draft_verify"] = pass_clock(draft, draft_tokens + 1, prefix)

@@ -25,7 +25,7 @@ from typing import Sequence
 
 from hedgerow.drafting.acceptance import AcceptanceStats
 from hedgerow.drafting.arms import MeasuredArms
-from hedgerow.drafting.costs import CostModel, MeasurePass, batch_bucket
+from hedgerow.drafting.costs import OUTLIER, CostModel, MeasurePass, batch_bucket
 from hedgerow.drafting.ngram_plan import NO_NGRAM, NgramOptions, NgramPricing
 from hedgerow.drafting.plan import Policy, StepPlan, StepReport
 from hedgerow.drafting.spec import SpecMode
@@ -210,5 +210,6 @@ class CostPolicy(Policy):
             # from 1.0 (the model as calibrated), not from the first sample: a kind of step's first
             # run is often its slowest (cold caches, the first catch-up), and one sample must not
             # rule it out for the many steps it takes the relaxation to bring it back
-            d, old, ratio = self.scale_decay, chain.scale[chain.drafting], seconds.total / chain.predicted
+            d, old = self.scale_decay, chain.scale[chain.drafting]
+            ratio = min(seconds.total / chain.predicted, OUTLIER)  # one slow step moves it a bounded way
             chain.scale[chain.drafting] = d * (1.0 if old is None else old) + (1 - d) * ratio

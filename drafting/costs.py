@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 MeasurePass = Callable[[str, int], float]  # (``"target"`` or ``"draft"``, tokens) -> seconds of one pass
+# the most one observed pass or step may count for, as a multiple of what was predicted: a step that
+# recompiled a graph or was paused took seconds, and unbounded it taught the model a draft phase ~50x
+# too dear, so the policy stopped drafting for a hundred steps; a real change of costs still moves
+# the model by up to this factor per observation
+OUTLIER = 4.0
 
 
 @dataclass
@@ -39,6 +44,9 @@ class LinearCost:
         self.a = max(mt - self.b * mn, 0.0)
 
     def observe(self, n: float, t: float) -> None:
+        predicted = self(n)
+        if predicted > 0:  # one slow step (a recompile, a pause) counts as at most OUTLIER x the prediction
+            t = min(t, OUTLIER * predicted)
         self.a = max(self.decay * self.a + (1 - self.decay) * (t - self.b * n), 0.0)
 
     def __call__(self, n: float) -> float:

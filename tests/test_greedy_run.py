@@ -107,4 +107,6 @@ def test_compiled_greedy_runs_keep_the_engines_greedy_output_equal_to_the_target
             spec = SpecParams(mode=SpecMode.CHAIN, draft_tokens=gamma)
             out = engine.generate(request(f"{gamma}-{i}", p, 24, spec=spec) for i, p in enumerate(PROMPTS))
             assert [out[f"{gamma}-{i}"].generated for i in range(len(PROMPTS))] == refs
+            alone = engine.generate([request(f"{gamma}-alone", PROMPTS[0], 24, spec=spec)])  # one row: [1, 1] inputs
+            assert alone[f"{gamma}-alone"].generated == refs[0]
     assert len(d.greedy.enabled) == 4 * len(CHUNKS)

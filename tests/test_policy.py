@@ -9,7 +9,7 @@ import pytest
 
 from hedgerow.drafting.acceptance import AcceptanceStats
 from hedgerow.drafting.cost_policy import CostPolicy
-from hedgerow.drafting.costs import CostModel, LinearCost, batch_bucket
+from hedgerow.drafting.costs import OUTLIER, CostModel, LinearCost, batch_bucket
 from hedgerow.drafting.plan import Room, StepPlan, StepReport, StepSeconds
 from hedgerow.drafting.policy import HeuristicPolicy, make_policy
 from hedgerow.drafting.spec import SpecMode, SpecParams
@@ -71,6 +71,18 @@ def test_calibration_fits_the_measured_passes():
     p = CostPolicy()
     p.calibrate(lambda model, n: (0.010 + 0.001 * n) if model == "target" else (0.002 + 0.0001 * n))
     assert p.costs.verify(10) == pytest.approx(0.020) and p.costs.draft(10) == pytest.approx(0.003)
+
+
+@pytest.mark.unit
+def test_one_slow_step_moves_the_costs_a_bounded_way():
+    # a step that recompiled a graph took ~1 s where 3 ms were predicted: counted whole, it made the
+    # draft phase look ~50x dearer and the policy stopped drafting for a hundred steps
+    line = LinearCost(a=0.002, b=0.001)
+    line.observe(1, 1.0)
+    assert line(1) <= 0.9 * 0.003 + 0.1 * OUTLIER * 0.003 + 1e-12
+    for _ in range(30):  # a real, lasting change of cost is still learned
+        line.observe(1, 0.030)
+    assert line(1) == pytest.approx(0.030, rel=0.05)
 
 
 @pytest.mark.unit

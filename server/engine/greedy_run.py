@@ -105,7 +105,7 @@ class GreedyRuns:
         if max(ends) > self.cache.max_len:
             raise ValueError(f"{self.name}: a greedy run needs {max(ends)} KV rows, the cache holds {self.cache.max_len}")
         batch, width = len(slots), max(len(f) for f in fed)
-        rows = torch.arange(max(ends), device=self.device)
+        rows = torch.arange(max(*ends, 2), device=self.device)  # at least 2: a size of 1 would recompile
         slot_t = torch.tensor(slots, device=self.device)
         tok = torch.zeros(batch, width, dtype=torch.long)
         pos = torch.zeros(batch, width, dtype=torch.long)
@@ -122,7 +122,10 @@ class GreedyRuns:
             out_tokens.append(t)
             out_logits.append(lg)
             pos = pos[torch.arange(batch, device=self.device), last][:, None] + chunk  # the last token's row
-            tok, write, last = t[:, -1:].contiguous(), slot_t[:, None], torch.zeros_like(last)
+            # contiguous strides even for one row ([1, 1] views count as contiguous with any stride,
+            # and a compiled call guards on strides: it would recompile)
+            tok = t[:, -1:].clone(memory_format=torch.contiguous_format)
+            write, last = slot_t[:, None].clone(memory_format=torch.contiguous_format), torch.zeros_like(last)
         return torch.cat(out_tokens, 1).tolist(), torch.cat(out_logits, 1)
 
     def _call(self, chunk: int, *args):

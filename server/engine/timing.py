@@ -47,8 +47,9 @@ def pass_timer(runners: dict, clock: Clock, repeats: int = 3) -> Callable[[str, 
     sequence is touched). The fastest, so a busy machine does not teach a pessimistic model;
     online measurements refine it.
 
-    A draft pass is timed as chains draft: a greedy run (server/engine/greedy_run.py) of ``n`` rows
-    and GREEDY_TOKENS tokens, per token; a draft pass of one row is worth much less there than alone."""
+    A draft pass is timed as chains draft: where the runner drafts greedy runs
+    (server/engine/greedy_run.py), a run of ``n`` rows and GREEDY_TOKENS tokens, per token; a draft
+    pass of one row is worth much less there than alone."""
 
     def measure(name: str, n: int) -> float:
         runner = runners[name]
@@ -57,12 +58,12 @@ def pass_timer(runners: dict, clock: Clock, repeats: int = 3) -> Callable[[str, 
         best = float("inf")
         for rep in range(repeats + 1):
             t = clock()
-            if name == "draft":
+            if name == "draft" and runner.greedy_runs:
                 runner.greedy_chains([scratch] * n, [0] * n, [[0]] * n, GREEDY_TOKENS, runner.vocab_size)
             else:
                 runner.logits(runner.forward([scratch], flat)[:, -1]).argmax(-1).tolist()
             if rep:
-                best = min(best, (clock() - t) / (GREEDY_TOKENS if name == "draft" else 1))
+                best = min(best, (clock() - t) / (GREEDY_TOKENS if name == "draft" and runner.greedy_runs else 1))
         return best
 
     return measure
