@@ -61,8 +61,7 @@ def run(args) -> int:
     pairs, results = {}, []
     for entry in args.drafts:
         label, _, path = entry.rpartition("=")
-        ns = argparse.Namespace(**{**vars(args), "draft": path, "adaptive": "none", "proposer": "model",
-                                   "draft_tokens": args.draft_tokens})
+        ns = argparse.Namespace(**{**vars(args), "draft": path, "adaptive": "none", "proposer": "model"})
         engine, tokenizer = build(ns, "auto", True)
         prompts = [tokenizer.encode(p) for p in load_prompts(args.prompts, args.num_prompts, tokenizer)]
         stats = []

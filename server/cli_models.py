@@ -104,11 +104,12 @@ def build_engine(args):
     """Load the pair and build an engine from the model, speculation and context flags."""
     target, draft = resolve_models(args)
     devices = {args.target_device, args.draft_device or args.target_device}
-    if args.target is None:
-        what = ("the embedded pair" if args.draft is None else f"the embedded target and draft {draft}") if draft \
-            else "the embedded target"
-    else:
+    if args.target is not None:
         what = f"target {target}" + (f" and draft {draft}" if draft else "")
+    elif not draft:
+        what = "the embedded target"
+    else:
+        what = "the embedded pair" if args.draft is None else f"the embedded target and draft {draft}"
     log.info("loading %s on %s", what, " and ".join(sorted(devices)))
     apply_cpu_threads(getattr(args, "cpu_threads", None), devices)
 

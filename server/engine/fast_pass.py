@@ -92,7 +92,7 @@ class CompiledPasses:
     def __init__(self, fn: PassFunction, name: str, backend: str = "inductor"):
         self.fn = fn
         self.name = name
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        allow_recompiles()
         self.compiled = torch.compile(fn, fullgraph=True, backend=backend)
         self.enabled: set[tuple[bool, bool]] = set()
         self.report: dict[tuple[bool, bool], dict] = {}
@@ -107,43 +107,65 @@ class CompiledPasses:
     def prepare(self, examples: dict, measure: bool) -> None:
         """Compile each shape class on its example arguments (a pass in the scratch slot), time it
         against eager when ``measure``, switch it on if it may be used."""
-        with torch.inference_mode():
-            for cls, args in examples.items():
-                _mark_dynamic(args, *cls)
-                t0 = time.perf_counter()
-                try:
-                    self.compiled(*args)
-                except Exception:
-                    log.exception("%s: compiling the pass for shape class %s failed; it stays eager", self.name, cls)
-                    continue
-                entry = {"compile_seconds": round(time.perf_counter() - t0, 2)}
-                if measure:
-                    entry["eager_ms"] = median_ms(lambda: self.fn(*args))
-                    entry["compiled_ms"] = median_ms(lambda: self.compiled(*args))
-                    entry["used"] = entry["compiled_ms"] < entry["eager_ms"]
-                else:
-                    entry["used"] = True
+        for cls, args in examples.items():
+            _mark_dynamic(args, *cls)
+            entry = compile_class(self._label(cls), self.compiled, self.fn, args, measure)
+            if entry is not None:
                 self.report[cls] = entry
                 if entry["used"]:
                     self.enabled.add(cls)
-                log.info("%s pass, batch %s, tokens %s: %s", self.name, "1" if cls[0] else ">1",
-                         "1" if cls[1] else ">1", entry)
 
     def __call__(self, *args) -> torch.Tensor:
-        # dynamo's settings are per thread, and --compile auto compiles in another one
-        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
-            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-        try:
-            return self.compiled(*args)
-        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit):
-            # a shape or input the compiled graphs do not cover and cannot be recompiled for: this
-            # pass and its shape class run eagerly from now on, never failing a request (a pass
-            # writes only its own KV rows, so running it again is safe)
-            cls = self.shape_class(*args[0].shape)
-            self.enabled.discard(cls)
-            log.warning("%s pass, batch %s, tokens %s: the compiled pass failed; eager from now on",
-                        self.name, "1" if cls[0] else ">1", "1" if cls[1] else ">1", exc_info=True)
-            return self.fn(*args)
+        # a shape or input the compiled graphs do not cover and cannot be recompiled for: this pass
+        # and its shape class run eagerly from now on, never failing a request (a pass writes only
+        # its own KV rows, so running it again is safe)
+        cls = self.shape_class(*args[0].shape)
+        return call_compiled(self._label(cls), self.compiled, self.fn, args, lambda: self.enabled.discard(cls))
+
+    def _label(self, cls: tuple[bool, bool]) -> str:
+        return f"{self.name} pass, batch {'1' if cls[0] else '>1'}, tokens {'1' if cls[1] else '>1'}"
+
+
+def allow_recompiles() -> None:
+    """Raise dynamo's recompile limit to RECOMPILE_LIMIT in the calling thread: dynamo's settings
+    are per thread, and ``--compile auto`` compiles in another thread than the one that runs passes."""
+    if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+
+
+def compile_class(label: str, compiled: Callable, eager: Callable, args: tuple, measure: bool) -> dict | None:
+    """Compile ``compiled`` on example ``args`` (in inference mode, as every pass runs), time it
+    against ``eager`` when ``measure``: the class's report entry, whose ``used`` says whether to
+    switch it on; None (logged) when compiling failed and the class stays eager."""
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            compiled(*args)
+    except Exception:
+        log.exception("%s: compiling failed; it stays eager", label)
+        return None
+    entry = {"compile_seconds": round(time.perf_counter() - t0, 2)}
+    if measure:
+        with torch.inference_mode():
+            entry["eager_ms"] = median_ms(lambda: eager(*args))
+            entry["compiled_ms"] = median_ms(lambda: compiled(*args))
+        entry["used"] = entry["compiled_ms"] < entry["eager_ms"]
+    else:
+        entry["used"] = True
+    log.info("%s: %s", label, entry)
+    return entry
+
+
+def call_compiled(label: str, compiled: Callable, eager: Callable, args: tuple, disable: Callable[[], None]):
+    """``compiled(*args)``; where dynamo fails it (a guard it cannot recompile for, its recompile
+    limit), ``disable()`` switches the class off and the call runs eagerly."""
+    allow_recompiles()
+    try:
+        return compiled(*args)
+    except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit):
+        disable()
+        log.warning("%s: the compiled call failed; eager from now on", label, exc_info=True)
+        return eager(*args)
 
 
 def _mark_dynamic(args: tuple, one_row: bool, one_token: bool) -> None:

@@ -20,16 +20,11 @@ here: a sampled chain draws from the warped draft distribution with its own gene
 
 from __future__ import annotations
 
-import logging
-import time
-
 import torch
 
-from hedgerow.server.engine.fast_pass import RECOMPILE_LIMIT, SlotAttention, median_ms
+from hedgerow.server.engine.fast_pass import SlotAttention, allow_recompiles, call_compiled, compile_class
 from hedgerow.server.engine.kv_cache import SlotKVCache
 from hedgerow.server.models.attention import Backend, ForwardPlan
-
-log = logging.getLogger("hedgerow.greedy_run")
 
 CHUNKS = (4, 1)  # tokens per call, largest first: 6 tokens = 4 + 1 + 1 (each chunk size is 4 more graphs to compile)
 MAX_FED = 64  # catch-up tokens per row beyond which the first call stays eager (a long catch-up is rare)
@@ -89,7 +84,7 @@ class GreedyRuns:
         self.eager = {c: GreedyRunFunction(model, cache, backend, c) for c in CHUNKS}
         self.compiled = None
         if compile_backend is not None:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            allow_recompiles()
             self.compiled = {c: torch.compile(f, fullgraph=True, backend=compile_backend) for c, f in self.eager.items()}
         self.enabled: set[tuple[int, bool, bool]] = set()  # (chunk, one row, one token fed) compiled and in use
         self.report: dict[tuple[int, bool, bool], dict] = {}
@@ -132,42 +127,26 @@ class GreedyRuns:
         key = (chunk, args[0].shape[0] == 1, args[0].shape[1] == 1)
         if self.compiled is None or key not in self.enabled or args[0].shape[1] > MAX_FED:
             return self.eager[chunk](*args)
-        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:  # dynamo's settings are per thread
-            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-        try:
-            return self.compiled[chunk](*args)
-        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit):
-            # as a compiled pass: this class runs eagerly from now on (a call writes only its own rows)
-            self.enabled.discard(key)
-            log.warning("%s greedy run %s: the compiled call failed; eager from now on", self.name, key, exc_info=True)
-            return self.eager[chunk](*args)
+        # as a compiled pass: a class whose compiled call fails runs eagerly from now on (a call
+        # writes only its own rows, so running it again is safe)
+        return call_compiled(f"{self.name} greedy run {key}", self.compiled[chunk], self.eager[chunk], args,
+                             lambda: self.enabled.discard(key))
 
     def prepare(self, vocab: int, measure: bool) -> None:
         """Compile every class on a run in the scratch slot (after 16 rows, so that no size is 1 by
         accident), time it against eager when ``measure``, switch it on if it may be used."""
-        scratch = self.cache.scratch_slot
         for chunk in CHUNKS:
             for one_row in (True, False):
                 for one_token in (True, False):
                     key = (chunk, one_row, one_token)
-                    args = self._example(chunk, 1 if one_row else 2, 1 if one_token else 3, vocab, scratch)
-                    t0 = time.perf_counter()
-                    try:
-                        with torch.inference_mode():
-                            self.compiled[chunk](*args)
-                    except Exception:
-                        log.exception("%s: compiling the greedy run %s failed; it stays eager", self.name, key)
-                        continue
-                    entry = {"compile_seconds": round(time.perf_counter() - t0, 2), "used": True}
-                    if measure:
-                        with torch.inference_mode():
-                            entry["eager_ms"] = median_ms(lambda: self.eager[chunk](*args))
-                            entry["compiled_ms"] = median_ms(lambda: self.compiled[chunk](*args))
-                        entry["used"] = entry["compiled_ms"] < entry["eager_ms"]
-                    self.report[key] = entry
-                    if entry["used"]:
-                        self.enabled.add(key)
-                    log.info("%s greedy run %s: %s", self.name, key, entry)
+                    args = self._example(chunk, 1 if one_row else 2, 1 if one_token else 3, vocab,
+                                         self.cache.scratch_slot)
+                    entry = compile_class(f"{self.name} greedy run {key}", self.compiled[chunk], self.eager[chunk],
+                                          args, measure)
+                    if entry is not None:
+                        self.report[key] = entry
+                        if entry["used"]:
+                            self.enabled.add(key)
 
     @torch.inference_mode()  # as every call's tensors: a compiled call is specialised on it
     def _example(self, chunk: int, batch: int, width: int, vocab: int, scratch: int) -> tuple:

@@ -56,14 +56,15 @@ def pass_timer(runners: dict, clock: Clock, repeats: int = 3) -> Callable[[str, 
         scratch = runner.cache.scratch_slot
         flat = flatten([DraftTree.chain([0] * n)], [0])
         best = float("inf")
+        greedy = name == "draft" and runner.greedy_runs
         for rep in range(repeats + 1):
             t = clock()
-            if name == "draft" and runner.greedy_runs:
+            if greedy:
                 runner.greedy_chains([scratch] * n, [0] * n, [[0]] * n, GREEDY_TOKENS, runner.vocab_size)
             else:
                 runner.logits(runner.forward([scratch], flat)[:, -1]).argmax(-1).tolist()
             if rep:
-                best = min(best, (clock() - t) / (GREEDY_TOKENS if name == "draft" and runner.greedy_runs else 1))
+                best = min(best, (clock() - t) / (GREEDY_TOKENS if greedy else 1))
         return best
 
     return measure
