@@ -116,15 +116,17 @@ def pass_times(pairs: dict[str, tuple], draft_tokens: int, prefix: int, samples:
         clocks[name, "t_target"] = pass_clock(target, 1, prefix)
         clocks[name, "t_verify"] = pass_clock(target, draft_tokens + 1, prefix)
         if draft is not None:
-            clocks[name, "t_draft"] = (greedy_clock(draft, max(1, draft_tokens), prefix) if draft.greedy_runs
-                                       else pass_clock(draft, 1, prefix, burst=max(1, draft_tokens)))
             clocks[name, "t_draft_pass"] = pass_clock(draft, 1, prefix, burst=max(1, draft_tokens))
+            if draft.greedy_runs:  # else chains draft a pass per token: t_draft is t_draft_pass, timed once
+                clocks[name, "t_draft"] = greedy_clock(draft, max(1, draft_tokens), prefix)
             if draft_verify:
                 clocks[name, "t_draft_verify"] = pass_clock(draft, draft_tokens + 1, prefix)
     medians = median_seconds(clocks, samples)
     out = {}
     for name in pairs:
         entry = {"context": prefix, **{key: t for (n, key), t in medians.items() if n == name}}
+        if "t_draft_pass" in entry:
+            entry.setdefault("t_draft", entry["t_draft_pass"])
         entry["c"] = entry["t_draft"] / entry["t_target"] if "t_draft" in entry else None
         out[name] = entry
     return out
