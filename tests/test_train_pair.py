@@ -44,6 +44,7 @@ def _args(tmp: Path, corpus: Path, *extra: str):
         "--draft-hidden", "16", "--draft-layers", "1", "--draft-heads", "2", "--draft-kv-heads", "1",
         "--draft-intermediate", "32", "--draft-batch", "2", "--draft-steps", "3",
         "--greedy-rows", "3", "--greedy-batch", "2", "--greedy-prefix", "5", "--greedy-new", "6",
+        "--teacher-windows", "3", "--teacher-topk", "8",
         "--warmup-steps", "2", "--threads", "1", "--no-progress", "--no-eval", *extra,
     ])
 
@@ -163,7 +164,23 @@ def test_target_from_trains_only_a_draft_on_the_targets_greedy_rows(tmp_path):
                 ids.append(int(logits.argmax()))
         assert ids == row
 
-    # each draft batch: the stream's windows, then greedy rows (a --greedy-fraction of the batch)
+    # the cached teacher: at the generated positions, the target's own top-k log-probabilities
+    # (recorded by generate, before its eos mask); on the windows, those of a target pass
+    state = torch.load(second / "work" / "greedy.pt", weights_only=False)
+    idx, logp = torch.cat(state["topk_idx"]), torch.cat(state["topk_logp"])
+    assert idx.shape == logp.shape == (3, 6, 8)
+    with torch.no_grad():
+        ref = target(input_ids=rows[:, :-1].long()).logits.float().log_softmax(-1)[:, 4:]
+    assert torch.equal(idx[..., 0].long(), ref.argmax(-1))
+    assert torch.allclose(logp.float(), ref.gather(-1, idx.long()), atol=2e-2)
+    pool = torch.load(second / "work" / "teacher.pt", weights_only=False)
+    wx, widx, wlogp = torch.cat(pool["x"]), torch.cat(pool["idx"]), torch.cat(pool["logp"])
+    assert wx.shape == (3, 32) and widx.shape == (3, 32, 8)
+    with torch.no_grad():
+        ref = target(input_ids=wx.long()).logits.float().log_softmax(-1)
+    assert torch.allclose(wlogp.float(), ref.gather(-1, widx.long()), atol=2e-2)
+
+    # each draft batch (--teacher online): the stream's windows, then greedy rows (a --greedy-fraction of the batch)
     stream = torch.arange(1000, dtype=torch.int32)
     parts = mixed_batches(stream, rows, "draft", 4, args)(7)
     assert [tuple(x.shape) for x, _ in parts] == [(2, 32), (2, 10)]
@@ -172,6 +189,22 @@ def test_target_from_trains_only_a_draft_on_the_targets_greedy_rows(tmp_path):
     again = mixed_batches(stream, rows, "draft", 4, args)(7)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(parts, again))  # a resumed run draws the same rows
 
+
+
+@pytest.mark.slow
+def test_online_teacher_trains_a_draft_without_a_kept_pool(tmp_path):
+    corpus = _tiny_corpus(tmp_path)
+    assert run(_args(tmp_path, corpus)) == 0
+    second, target = tmp_path / "second", str(tmp_path / "out" / "target")
+    assert run(_args(second, corpus, "--target-from", target, "--teacher", "online")) == 0
+    assert not (second / "work" / "teacher.pt").exists()
+    assert not torch.load(second / "work" / "greedy.pt", weights_only=False)["topk_idx"]
+    state = torch.load(second / "work" / "draft.ckpt.pt", weights_only=False)["state"]
+    assert state["done"] and state["step"] == 3
+    # a cached run cannot reuse those greedy rows: they have no top-k
+    (second / "work" / "draft.ckpt.pt").unlink()
+    with pytest.raises(SystemExit, match="without the target's top-k"):
+        run(_args(second, corpus, "--target-from", target))
 
 @pytest.mark.engine
 def test_speculation_simulation_self_draft_accepts_everything(tmp_path):

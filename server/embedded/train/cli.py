@@ -13,19 +13,25 @@ Pipeline (every stage is resumable from ``--work-dir``):
 4. greedy   -- the target greedily continues random windows of the training stream
                (``--greedy-minutes``): the text speculative decoding verifies is the
                target's own output, so the draft studies it.
-5. draft    -- a much smaller Llama, trained with a mix of KL(target || draft) on the
+5. teacher  -- with ``--teacher cached`` (the default), the target's top-k next-token
+               distributions on windows of the training stream (``--teacher-minutes``),
+               kept with those it computed while generating the greedy continuations.
+6. draft    -- a much smaller Llama, trained with a mix of KL(target || draft) on the
                target's next-token distribution and CE, on batches that take
                ``--greedy-fraction`` of their rows from the greedy continuations and the
-               rest from the training stream.
-6. export   -- both models in Hugging Face format (bfloat16 on disk) plus the
+               rest from the training stream: with ``--teacher cached`` epochs over the
+               kept pool (``teacher``), with ``--teacher online`` fresh windows and a
+               target pass every step.
+7. export   -- both models in Hugging Face format (bfloat16 on disk) plus the
                shared tokenizer files, into ``--out-dir``; the shipped pair's folder
                (the package's ``server/embedded``) only with ``--overwrite-embedded``.
-7. eval     -- held-out loss/perplexity of both exported models, and greedy
+8. eval     -- held-out loss/perplexity of both exported models, and greedy
                chain-speculative acceptance with 4 draft tokens on the first 20 HumanEval
                prompts (simulated with the HF models).
 
-Stages 1-2 are in ``corpus``, 3 and 5 run the loop of ``loop`` with the losses of
-``distill``, 4 is in ``distill``, 6 in ``models`` and 7 in ``evaluate``; this module
+Stages 1-2 are in ``corpus``, 3 and 6 run the loop of ``loop`` with the losses of
+``distill`` and ``teacher``, 4 is in ``distill``, 5 in ``teacher``, 7 in ``models`` and 8 in
+``evaluate``; this module
 parses the flags and runs the stages in order.
 
 Time budgets (``--target-minutes``/``--draft-minutes``) drive a wall-clock LR
@@ -67,6 +73,7 @@ from hedgerow.server.embedded.train.distill import ce_loss_fn, generate_greedy_r
 from hedgerow.server.embedded.train.evaluate import evaluate_pair
 from hedgerow.server.embedded.train.loop import Stage, mixed_batches, stream_batches, train_stage
 from hedgerow.server.embedded.train.models import cost_per_token, export_model, llama_config
+from hedgerow.server.embedded.train.teacher import cache_windows, cached_batches, make_topk_kd_loss_fn
 from hedgerow.server.errors import HedgerowError
 
 # The package's embedded dir (server/embedded), where the shipped pair lives.
@@ -116,6 +123,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--greedy-fraction", type=float, default=0.5,
                    help="fraction of each draft batch's rows taken from the greedy continuations")
 
+    g = parser.add_argument_group("the target as the draft's teacher")
+    g.add_argument("--teacher", choices=("cached", "online"), default="cached",
+                   help="cached: the target's top-k distributions computed once on a pool of rows, the draft "
+                        "trains epochs over it; online: a target pass on fresh windows every draft step")
+    g.add_argument("--teacher-minutes", type=float, default=4.0,
+                   help="cached: time spent on windows of the training stream (the greedy rows come too)")
+    g.add_argument("--teacher-windows", type=int, default=0,
+                   help="cached: fix the number of windows (overrides minutes); 0 = by minutes")
+    g.add_argument("--teacher-topk", type=int, default=32, help="cached: the teacher's top tokens kept per position")
+
     g = parser.add_argument_group("draft model")
     g.add_argument("--draft-hidden", type=int, default=128, help="hidden size")
     g.add_argument("--draft-layers", type=int, default=4, help="decoder layers")
@@ -128,7 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-steps", type=int, default=0, help="fix the step count (overrides minutes); 0 = by minutes")
     g.add_argument("--kd-alpha", type=float, default=0.9,
                    help="draft loss = alpha * KL(target||draft) + (1 - alpha) * CE")
-    g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of the KL term")
+    g.add_argument("--kd-temperature", type=float, default=1.0,
+                   help="softmax temperature of the KL term (--teacher online only)")
 
     g = parser.add_argument_group("training")
     g.add_argument("--seq-len", type=int, default=512, help="tokens per training window")
@@ -228,6 +246,9 @@ def run(args) -> int:
         # a time-budgeted stage would get a twentieth of its steps
         log("this CPU has no native bf16 (AVX512-BF16 or AMX): training in float32, as --no-bf16")
         args.no_bf16 = True
+    if args.teacher == "cached" and args.kd_temperature != 1.0:
+        raise HedgerowError("--kd-temperature needs --teacher online: the cached teacher keeps distributions at "
+                            "temperature 1")
     if args.eval_only:
         res = evaluate_pair(args.out_dir, args, log)
         _dump(res, args.eval_json, log)
@@ -296,20 +317,28 @@ def run(args) -> int:
         p.requires_grad_(False)
 
     # 4. the target's greedy continuations
-    greedy_rows = generate_greedy_rows(target, train_stream, eos, args, log)
+    greedy_rows, greedy_pool = generate_greedy_rows(target, train_stream, eos, args, log)
 
-    # 5. draft (distilled from the target)
+    # 5. the teacher's distributions, kept
+    if args.teacher == "cached":
+        windows = cache_windows(target, train_stream, args, log)
+        loss_fn = make_topk_kd_loss_fn(args.kd_alpha)
+        batches = cached_batches(windows, greedy_pool, "draft", args.draft_batch, args)
+    else:
+        windows = None
+        loss_fn = make_kd_loss_fn(target, args.kd_alpha, args.kd_temperature)
+        batches = mixed_batches(train_stream, greedy_rows, "draft", args.draft_batch, args)
+
+    # 6. draft (distilled from the target)
     torch.manual_seed(args.seed + 1)
     draft = LlamaForCausalLM(llama_config(V, args.draft_hidden, args.draft_layers, args.draft_heads,
                                           args.draft_kv_heads, args.draft_intermediate, eos, max_pos))
     dc, tc = cost_per_token(draft), cost_per_token(target)
     log(f"[draft] {dc}; flops ratio draft/target = {dc['flops_per_token'] / tc['flops_per_token']:.4f}")
     dstate = train_stage(Stage("draft", draft, args.draft_lr, args.draft_batch, args.draft_minutes,
-                               args.draft_steps, make_kd_loss_fn(target, args.kd_alpha, args.kd_temperature),
-                               mixed_batches(train_stream, greedy_rows, "draft", args.draft_batch, args)),
-                         args, log)
+                               args.draft_steps, loss_fn, batches), args, log)
 
-    # 6. export
+    # 7. export
     if args.target_from is None:
         export_model(target, hf_tok, args.out_dir / "target")
     elif (args.out_dir / "target").resolve() != args.target_from.resolve():
@@ -326,6 +355,7 @@ def run(args) -> int:
         "target_last_losses": tstate["losses"][-5:],
         "draft_last_losses": dstate["losses"][-5:],
         "greedy_rows": 0 if greedy_rows is None else list(greedy_rows.shape),
+        "teacher_windows": 0 if windows is None else list(windows["x"].shape),
         "export_bytes": size,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -334,7 +364,7 @@ def run(args) -> int:
     log(f"[done] training minutes: target {tstate['elapsed_s'] / 60:.1f}, draft {dstate['elapsed_s'] / 60:.1f};"
         f" this process {(time.time() - t_start) / 60:.1f} min")
 
-    # 7. eval
+    # 8. eval
     if not args.no_eval:
         res = evaluate_pair(args.out_dir, args, log, heldout_stream=held_stream)
         meta["eval"] = {k: v for k, v in res.items()}

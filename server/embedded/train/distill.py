@@ -13,6 +13,7 @@ import sys
 import time
 
 from hedgerow.server.embedded.train.loop import atomic_save
+from hedgerow.server.embedded.train.teacher import greedy_pool, topk_of
 
 
 def ce_loss_fn(model, parts):
@@ -59,19 +60,24 @@ def generate_greedy_rows(target, stream, eos: int, args, log):
     the corpus (small models fall into loops and favourite phrases); a draft trained on them agrees
     with the target more often where it matters. Batch b starts from windows drawn from the seed
     and b; rows are saved after every batch in <work_dir>/greedy.pt, so a rerun resumes. Returns an
-    int tensor [rows, prefix + new], or None when disabled.
+    int tensor [rows, prefix + new] (None when disabled) and, with ``--teacher cached``, the rows as
+    a pool with the target's top-k at the generated positions (``teacher.greedy_pool``; else None).
     """
     import torch
     from tqdm.auto import tqdm
 
     want, budget_s = args.greedy_rows, args.greedy_minutes * 60.0
     if not want and budget_s <= 0:
-        return None
+        return None, None
     path = args.work_dir / "greedy.pt"
-    state = {"rows": [], "elapsed_s": 0.0, "done": False}
+    keep_topk = args.teacher == "cached"
+    state = {"rows": [], "topk_logp": [], "topk_idx": [], "elapsed_s": 0.0, "done": False}
     if path.exists():
         state = torch.load(path, weights_only=False)
         log(f"[greedy] resumed from {path}: {sum(len(r) for r in state['rows'])} rows")
+        if keep_topk and len(state.get("topk_idx", ())) != len(state["rows"]):
+            raise SystemExit(f"{path} was written without the target's top-k (by --teacher online, or an "
+                             "older trainer): remove it, or train with --teacher online")
     have = sum(len(r) for r in state["rows"])
     pbar = tqdm(total=want or None, initial=have, desc="greedy", unit="row", disable=args.no_progress,
                 dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
@@ -87,13 +93,19 @@ def generate_greedy_rows(target, stream, eos: int, args, log):
         starts = torch.randint(0, len(stream) - args.greedy_prefix, (n,), generator=g)
         x = stream[starts[:, None] + torch.arange(args.greedy_prefix)[None, :]].long()
         t0 = time.time()
-        # min_new_tokens keeps every row full length (eos is masked out until then)
+        # min_new_tokens keeps every row full length (eos is masked out until then); the logits
+        # kept are the target's own, before that mask
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
             out = target.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
                                   max_new_tokens=args.greedy_new, min_new_tokens=args.greedy_new,
-                                  pad_token_id=eos, eos_token_id=eos)
+                                  pad_token_id=eos, eos_token_id=eos, return_dict_in_generate=True,
+                                  output_logits=keep_topk)
+            if keep_topk:
+                logp, idx = topk_of(torch.stack(out.logits, 1), args.teacher_topk)
+                state["topk_logp"].append(logp)
+                state["topk_idx"].append(idx)
         state["elapsed_s"] += time.time() - t0
-        state["rows"].append(out.to(torch.int32))
+        state["rows"].append(out.sequences.to(torch.int32))
         have += n
         atomic_save(state, path)
         pbar.update(n)
@@ -101,4 +113,6 @@ def generate_greedy_rows(target, stream, eos: int, args, log):
     rows = torch.cat(state["rows"])
     log(f"[greedy] {len(rows)} rows x {rows.shape[1]} tokens ({len(rows) * args.greedy_new} generated)"
         f" in {state['elapsed_s'] / 60:.1f} min")
-    return rows
+    if not keep_topk:
+        return rows, None
+    return rows, greedy_pool(rows, torch.cat(state["topk_idx"]), torch.cat(state["topk_logp"]), args.greedy_prefix)

@@ -112,7 +112,7 @@ class ThreadTuner:
         self.torch.set_num_threads(n)
 
 
-def _batch(stream, step: int, batch: int, seq_len: int, seed: int):
+def window_batch(stream, step: int, batch: int, seq_len: int, seed: int):
     """Deterministic random windows for a given step (independent of resume point)."""
     import torch
 
@@ -134,7 +134,7 @@ def atomic_save(obj, path: Path) -> None:
 
 def stream_batches(stream, name: str, batch: int, args) -> Callable:
     seed = args.seed + zlib.crc32(name.encode()) % 997
-    return lambda step: [_batch(stream, step, batch, args.seq_len, seed)]
+    return lambda step: [window_batch(stream, step, batch, args.seq_len, seed)]
 
 
 def mixed_batches(stream, rows, name: str, batch: int, args) -> Callable:
@@ -148,7 +148,7 @@ def mixed_batches(stream, rows, name: str, batch: int, args) -> Callable:
     def fn(step: int):
         parts = []
         if batch - n_greedy:
-            parts.append(_batch(stream, step, batch - n_greedy, args.seq_len, seed))
+            parts.append(window_batch(stream, step, batch - n_greedy, args.seq_len, seed))
         if n_greedy:
             g = torch.Generator().manual_seed(seed * 1_000_033 + step)
             chunk = rows[torch.randint(0, len(rows), (n_greedy,), generator=g)].long()
