@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "only the draft is trained")
 
     g = parser.add_argument_group("greedy continuations of the target (draft training data)")
-    g.add_argument("--greedy-minutes", type=float, default=5.0,
+    g.add_argument("--greedy-minutes", type=float, default=10.0,
                    help="time spent generating them (0: train the draft on the corpus only)")
     g.add_argument("--greedy-rows", type=int, default=0, help="fix the number of rows (overrides minutes); 0 = by minutes")
     g.add_argument("--greedy-batch", type=int, default=128, help="rows generated together")
@@ -127,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher", choices=("cached", "online"), default="cached",
                    help="cached: the target's top-k distributions computed once on a pool of rows, the draft "
                         "trains epochs over it; online: a target pass on fresh windows every draft step")
-    g.add_argument("--teacher-minutes", type=float, default=4.0,
+    g.add_argument("--teacher-minutes", type=float, default=2.0,
                    help="cached: time spent on windows of the training stream (the greedy rows come too)")
     g.add_argument("--teacher-windows", type=int, default=0,
                    help="cached: fix the number of windows (overrides minutes); 0 = by minutes")
@@ -141,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-intermediate", type=int, default=320, help="MLP intermediate size (SwiGLU)")
     g.add_argument("--draft-lr", type=float, default=3e-3, help="peak learning rate")
     g.add_argument("--draft-batch", type=int, default=8, help="sequences per optimizer step")
-    g.add_argument("--draft-minutes", type=float, default=20.0, help="training-loop time budget")
+    g.add_argument("--draft-minutes", type=float, default=13.0, help="training-loop time budget")
     g.add_argument("--draft-steps", type=int, default=0, help="fix the step count (overrides minutes); 0 = by minutes")
     g.add_argument("--kd-alpha", type=float, default=0.9,
                    help="draft loss = alpha * KL(target||draft) + (1 - alpha) * CE")
