@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hedgerow.server.embedded.train.teacher import cached_batches, greedy_pool, make_topk_kd_loss_fn, topk_of
+from hedgerow.server.errors import HedgerowError
 
 
 class _Logits(torch.nn.Module):
@@ -97,5 +97,5 @@ def test_cached_batches_mix_the_pools_and_are_drawn_from_the_step(tmp_path):
     assert all(torch.equal(a, b) for pa, pb in zip(parts, again) for a, b in zip(pa, pb))
     only_greedy = cached_batches(None, gp, "draft", 4, args)(0)
     assert [tuple(p[0].shape) for p in only_greedy] == [(4, 10)]
-    with pytest.raises(ValueError, match="no rows"):
+    with pytest.raises(HedgerowError, match="no rows"):
         cached_batches(None, None, "draft", 4, args)

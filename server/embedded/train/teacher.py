@@ -29,6 +29,7 @@ import time
 import zlib
 
 from hedgerow.server.embedded.train.loop import atomic_save, window_batch
+from hedgerow.server.errors import HedgerowError
 
 
 def topk_of(logits, k: int):
@@ -73,7 +74,7 @@ def cache_windows(teacher, stream, args, log):
             logp, idx = topk_of(teacher(input_ids=x).logits, args.teacher_topk)
         state["elapsed_s"] += time.time() - t0
         for key, t in (("x", x), ("y", y), ("idx", idx), ("logp", logp)):
-            state[key].append(t.to(torch.int32) if key in "xy" else t)
+            state[key].append(t.to(torch.int32) if key in ("x", "y") else t)
         have += n
         atomic_save(state, path)
         pbar.update(n)
@@ -111,7 +112,8 @@ def cached_batches(windows, greedy, name: str, batch: int, args):
     if windows is None:
         n_greedy = batch
     if greedy is None and windows is None:
-        raise ValueError("the cached teacher has no rows: give --teacher-minutes/--teacher-windows or greedy rows")
+        raise HedgerowError("the cached teacher has no rows: give --teacher-minutes/--teacher-windows or greedy rows "
+                            "(--greedy-minutes/--greedy-rows)")
 
     def take(pool, n, salt, step):
         g = torch.Generator().manual_seed(seed * 1_000_033 + step * 2 + salt)
