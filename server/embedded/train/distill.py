@@ -9,10 +9,8 @@ target's own output, so the draft studies it.
 
 from __future__ import annotations
 
-import sys
-import time
 
-from hedgerow.server.embedded.train.loop import atomic_save
+from hedgerow.server.embedded.train.loop import fill_resumable
 from hedgerow.server.embedded.train.teacher import greedy_pool, topk_of
 
 
@@ -64,7 +62,6 @@ def generate_greedy_rows(target, stream, eos: int, args, log):
     a pool with the target's top-k at the generated positions (``teacher.greedy_pool``; else None).
     """
     import torch
-    from tqdm.auto import tqdm
 
     want, budget_s = args.greedy_rows, args.greedy_minutes * 60.0
     if not want and budget_s <= 0:
@@ -78,21 +75,12 @@ def generate_greedy_rows(target, stream, eos: int, args, log):
         if keep_topk and len(state.get("topk_idx", ())) != len(state["rows"]):
             raise SystemExit(f"{path} was written without the target's top-k (by --teacher online, or an "
                              "older trainer): remove it, or train with --teacher online")
-    have = sum(len(r) for r in state["rows"])
-    pbar = tqdm(total=want or None, initial=have, desc="greedy", unit="row", disable=args.no_progress,
-                dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
     target.eval()
-    while not state["done"]:
-        if (want and have >= want) or (not want and state["elapsed_s"] >= budget_s):
-            state["done"] = True
-            atomic_save(state, path)
-            break
-        b = len(state["rows"])
-        n = min(args.greedy_batch, want - have) if want else args.greedy_batch
+
+    def produce(b: int, n: int) -> dict:
         g = torch.Generator().manual_seed(args.seed * 7919 + b)
         starts = torch.randint(0, len(stream) - args.greedy_prefix, (n,), generator=g)
         x = stream[starts[:, None] + torch.arange(args.greedy_prefix)[None, :]].long()
-        t0 = time.time()
         # min_new_tokens keeps every row full length (eos is masked out until then); the logits
         # kept are the target's own, before that mask
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
@@ -100,16 +88,12 @@ def generate_greedy_rows(target, stream, eos: int, args, log):
                                   max_new_tokens=args.greedy_new, min_new_tokens=args.greedy_new,
                                   pad_token_id=eos, eos_token_id=eos, return_dict_in_generate=True,
                                   output_logits=keep_topk)
+            new = {"rows": out.sequences.to(torch.int32)}
             if keep_topk:
-                logp, idx = topk_of(torch.stack(out.logits, 1), args.teacher_topk)
-                state["topk_logp"].append(logp)
-                state["topk_idx"].append(idx)
-        state["elapsed_s"] += time.time() - t0
-        state["rows"].append(out.sequences.to(torch.int32))
-        have += n
-        atomic_save(state, path)
-        pbar.update(n)
-    pbar.close()
+                new["topk_logp"], new["topk_idx"] = topk_of(torch.stack(out.logits, 1), args.teacher_topk)
+        return new
+
+    fill_resumable(state, path, "rows", want, budget_s, args.greedy_batch, produce, "greedy", args.no_progress)
     rows = torch.cat(state["rows"])
     log(f"[greedy] {len(rows)} rows x {rows.shape[1]} tokens ({len(rows) * args.greedy_new} generated)"
         f" in {state['elapsed_s'] / 60:.1f} min")

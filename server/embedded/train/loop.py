@@ -132,6 +132,34 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def fill_resumable(state: dict, path: Path, key: str, want: int, budget_s: float, batch: int,
+                   produce: Callable, desc: str, no_progress: bool) -> None:
+    """Grow a saved pool batch by batch: ``produce(b, n)`` makes batch b of n rows as
+    {name: tensor}, appended to ``state[name]``; it stops at ``want`` rows (counted in
+    ``state[key]``) or, with ``want`` 0, once ``budget_s`` seconds were spent in ``produce``. The state
+    is saved to ``path`` after every batch and marked done at the end, so a rerun resumes or skips."""
+    from tqdm.auto import tqdm
+
+    have = sum(len(t) for t in state[key])
+    pbar = tqdm(total=want or None, initial=have, desc=desc, unit="row", disable=no_progress,
+                dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
+    while not state["done"]:
+        if (want and have >= want) or (not want and state["elapsed_s"] >= budget_s):
+            state["done"] = True
+            atomic_save(state, path)
+            break
+        n = min(batch, want - have) if want else batch
+        t0 = time.time()
+        new = produce(len(state[key]), n)
+        state["elapsed_s"] += time.time() - t0
+        for name, t in new.items():
+            state[name].append(t)
+        have += n
+        atomic_save(state, path)
+        pbar.update(n)
+    pbar.close()
+
+
 def stream_batches(stream, name: str, batch: int, args) -> Callable:
     seed = args.seed + zlib.crc32(name.encode()) % 997
     return lambda step: [window_batch(stream, step, batch, args.seq_len, seed)]

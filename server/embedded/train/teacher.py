@@ -24,11 +24,9 @@ online loss.
 
 from __future__ import annotations
 
-import sys
-import time
 import zlib
 
-from hedgerow.server.embedded.train.loop import atomic_save, window_batch
+from hedgerow.server.embedded.train.loop import fill_resumable, window_batch
 from hedgerow.server.errors import HedgerowError
 
 
@@ -50,7 +48,6 @@ def cache_windows(teacher, stream, args, log):
     or None when the pool is empty.
     """
     import torch
-    from tqdm.auto import tqdm
 
     want, budget_s = args.teacher_windows, args.teacher_minutes * 60.0
     path = args.work_dir / "teacher.pt"
@@ -58,27 +55,16 @@ def cache_windows(teacher, stream, args, log):
     if path.exists():
         state = torch.load(path, weights_only=False)
         log(f"[teacher] resumed from {path}: {sum(len(x) for x in state['x'])} windows")
-    have = sum(len(x) for x in state["x"])
     seed = args.seed + zlib.crc32(b"teacher") % 997
-    pbar = tqdm(total=want or None, initial=have, desc="teacher", unit="window", disable=args.no_progress,
-                dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
-    while not state["done"]:
-        if (want and have >= want) or (not want and state["elapsed_s"] >= budget_s):
-            state["done"] = True
-            atomic_save(state, path)
-            break
-        n = min(args.draft_batch, want - have) if want else args.draft_batch
-        x, y = window_batch(stream, len(state["x"]), n, args.seq_len, seed)
-        t0 = time.time()
+
+    def produce(b: int, n: int) -> dict:
+        x, y = window_batch(stream, b, n, args.seq_len, seed)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
             logp, idx = topk_of(teacher(input_ids=x).logits, args.teacher_topk)
-        state["elapsed_s"] += time.time() - t0
-        for key, t in (("x", x), ("y", y), ("idx", idx), ("logp", logp)):
-            state[key].append(t.to(torch.int32) if key in ("x", "y") else t)
-        have += n
-        atomic_save(state, path)
-        pbar.update(n)
-    pbar.close()
+        return {"x": x.to(torch.int32), "y": y.to(torch.int32), "idx": idx, "logp": logp}
+
+    fill_resumable(state, path, "x", want, budget_s, args.draft_batch, produce, "teacher", args.no_progress)
+    have = sum(len(x) for x in state["x"])
     if not have:
         return None
     log(f"[teacher] {have} windows x {args.seq_len} tokens, top-{args.teacher_topk}, "
@@ -115,12 +101,14 @@ def cached_batches(windows, greedy, name: str, batch: int, args):
         raise HedgerowError("the cached teacher has no rows: give --teacher-minutes/--teacher-windows or greedy rows "
                             "(--greedy-minutes/--greedy-rows)")
 
+    if windows is not None:  # every window position has the teacher's top-k
+        windows = {**windows, "mask": torch.ones(windows["x"].shape, dtype=torch.bool)}
+
     def take(pool, n, salt, step):
         g = torch.Generator().manual_seed(seed * 1_000_033 + step * 2 + salt)
         pick = torch.randint(0, len(pool["x"]), (n,), generator=g)
-        mask = pool["mask"][pick] if "mask" in pool else torch.ones(n, pool["x"].shape[1], dtype=torch.bool)
         return (pool["x"][pick].long(), pool["y"][pick].long(), pool["idx"][pick].long(),
-                pool["logp"][pick].float(), mask)
+                pool["logp"][pick].float(), pool["mask"][pick])
 
     def fn(step: int):
         parts = []
