@@ -9,7 +9,6 @@ target's own output, so the draft studies it.
 
 from __future__ import annotations
 
-
 from hedgerow.server.embedded.train.loop import fill_resumable
 from hedgerow.server.embedded.train.teacher import greedy_pool, topk_of
 

@@ -160,8 +160,14 @@ def fill_resumable(state: dict, path: Path, key: str, want: int, budget_s: float
     pbar.close()
 
 
+def name_seed(seed: int, name: str) -> int:
+    """The seed of one named draw of rows (a stage's batches, the teacher's windows): ``seed``
+    shifted by the name, so the draws differ from each other and each is the same on a rerun."""
+    return seed + zlib.crc32(name.encode()) % 997
+
+
 def stream_batches(stream, name: str, batch: int, args) -> Callable:
-    seed = args.seed + zlib.crc32(name.encode()) % 997
+    seed = name_seed(args.seed, name)
     return lambda step: [window_batch(stream, step, batch, args.seq_len, seed)]
 
 
@@ -170,7 +176,7 @@ def mixed_batches(stream, rows, name: str, batch: int, args) -> Callable:
     seed and the step) and the rest as windows of the stream."""
     import torch
 
-    seed = args.seed + zlib.crc32(name.encode()) % 997
+    seed = name_seed(args.seed, name)
     n_greedy = 0 if rows is None or len(rows) == 0 else min(batch, round(batch * args.greedy_fraction))
 
     def fn(step: int):

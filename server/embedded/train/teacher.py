@@ -24,9 +24,7 @@ online loss.
 
 from __future__ import annotations
 
-import zlib
-
-from hedgerow.server.embedded.train.loop import fill_resumable, window_batch
+from hedgerow.server.embedded.train.loop import fill_resumable, name_seed, window_batch
 from hedgerow.server.errors import HedgerowError
 
 
@@ -55,7 +53,7 @@ def cache_windows(teacher, stream, args, log):
     if path.exists():
         state = torch.load(path, weights_only=False)
         log(f"[teacher] resumed from {path}: {sum(len(x) for x in state['x'])} windows")
-    seed = args.seed + zlib.crc32(b"teacher") % 997
+    seed = name_seed(args.seed, "teacher")
 
     def produce(b: int, n: int) -> dict:
         x, y = window_batch(stream, b, n, args.seq_len, seed)
@@ -93,7 +91,7 @@ def cached_batches(windows, greedy, name: str, batch: int, args):
     windows' pool, drawn from the seed and the step; parts are (x, y, idx, logp, mask)."""
     import torch
 
-    seed = args.seed + zlib.crc32(name.encode()) % 997
+    seed = name_seed(args.seed, name)
     n_greedy = 0 if greedy is None else min(batch, round(batch * args.greedy_fraction))
     if windows is None:
         n_greedy = batch
